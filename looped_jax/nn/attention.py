@@ -1,0 +1,165 @@
+"""Multi-head attention with grouped-query heads, RoPE and causal / bidirectional /
+sliding-window masks, on ``jax.nn.dot_product_attention`` (XLA or cuDNN picks the kernel).
+
+Masks are built from positions and segment ids rather than array indices, so the same code
+serves packed sequences (several documents per row) and KV-cache decoding (keys in a cache
+whose empty slots carry segment id 0).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from looped_jax.nn.init import param, truncated_normal
+from looped_jax.nn.rotary import apply_rope
+
+MASK_KINDS = ("causal", "bidirectional", "sliding")
+
+
+class KVCache(NamedTuple):
+    """Keys/values of one attention layer for decoding. Slots with ``segment_ids == 0`` are empty."""
+
+    k_BSKH: jax.Array
+    v_BSKH: jax.Array
+    positions_BS: jax.Array  # int32 position of the token stored in each slot
+    segment_ids_BS: jax.Array  # int32, 0 = empty slot
+
+    @staticmethod
+    def empty(batch: int, length: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
+        zeros = jnp.zeros((batch, length, num_kv_heads, head_dim), dtype)
+        ids = jnp.zeros((batch, length), jnp.int32)
+        return KVCache(zeros, zeros, ids, ids)
+
+    def write(self, index: jax.Array, k_BTKH, v_BTKH, positions_BT, segment_ids_BT) -> KVCache:
+        """Stores T new entries at slots [index, index + T)."""
+        upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=1)
+        return KVCache(
+            upd(self.k_BSKH, k_BTKH),
+            upd(self.v_BSKH, v_BTKH),
+            upd(self.positions_BS, positions_BT),
+            upd(self.segment_ids_BS, segment_ids_BT),
+        )
+
+
+def attention_mask(
+    q_positions_BT: jax.Array,
+    k_positions_BS: jax.Array,
+    q_segment_ids_BT: jax.Array,
+    k_segment_ids_BS: jax.Array,
+    *,
+    kind: str,
+    window: int = 0,
+) -> jax.Array:
+    """Boolean mask [B, 1, T, S]: same (non-zero) segment, plus causal / window constraints."""
+    if kind not in MASK_KINDS:
+        raise ValueError(f"unknown attention mask kind {kind!r}; expected one of {MASK_KINDS}")
+    mask = (q_segment_ids_BT[:, :, None] == k_segment_ids_BS[:, None, :]) & (k_segment_ids_BS[:, None, :] > 0)
+    if kind in ("causal", "sliding"):
+        delta_BTS = q_positions_BT[:, :, None] - k_positions_BS[:, None, :]
+        mask &= delta_BTS >= 0
+        if kind == "sliding":
+            mask &= delta_BTS < window
+    return mask[:, None]
+
+
+class Attention(nnx.Module):
+    """GQA attention. ``num_heads`` must be a multiple of ``num_kv_heads``."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        init_std: float,
+        out_init_std: float,
+        mask_kind: str = "causal",
+        window: int = 0,
+        qk_bias: bool = False,
+        rope_theta: float | None = 10_000.0,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        if mask_kind not in MASK_KINDS:
+            raise ValueError(f"unknown attention mask kind {mask_kind!r}; expected one of {MASK_KINDS}")
+        if mask_kind == "sliding" and window < 1:
+            raise ValueError(f"sliding-window attention needs window >= 1, got {window}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.mask_kind, self.window, self.rope_theta, self.dtype = mask_kind, window, rope_theta, dtype
+        key = rngs.params
+        self.q_DNH = param(truncated_normal(key(), (d_model, num_heads, head_dim), init_std), ("embed", "heads", "kv"))
+        self.k_DKH = param(
+            truncated_normal(key(), (d_model, num_kv_heads, head_dim), init_std), ("embed", "kv_heads", "kv")
+        )
+        self.v_DKH = param(
+            truncated_normal(key(), (d_model, num_kv_heads, head_dim), init_std), ("embed", "kv_heads", "kv")
+        )
+        self.o_NHD = param(
+            truncated_normal(key(), (num_heads, head_dim, d_model), out_init_std), ("heads", "kv", "embed")
+        )
+        if qk_bias:
+            self.q_bias_NH = param(jnp.zeros((num_heads, head_dim)), ("heads", "kv"))
+            self.k_bias_KH = param(jnp.zeros((num_kv_heads, head_dim)), ("kv_heads", "kv"))
+        else:
+            self.q_bias_NH = self.k_bias_KH = None
+
+    def project(self, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries [B,T,N,H], keys and values [B,T,K,H]; RoPE applied to queries and keys."""
+        x = x_BTD.astype(self.dtype)
+        cast = lambda p: p[...].astype(self.dtype)
+        q_BTNH = jnp.einsum("btd,dnh->btnh", x, cast(self.q_DNH))
+        k_BTKH = jnp.einsum("btd,dkh->btkh", x, cast(self.k_DKH))
+        v_BTKH = jnp.einsum("btd,dkh->btkh", x, cast(self.v_DKH))
+        if self.q_bias_NH is not None:
+            q_BTNH = q_BTNH + cast(self.q_bias_NH)
+            k_BTKH = k_BTKH + cast(self.k_bias_KH)
+        if self.rope_theta is not None:
+            q_BTNH = apply_rope(q_BTNH, positions_BT, self.rope_theta)
+            k_BTKH = apply_rope(k_BTKH, positions_BT, self.rope_theta)
+        return q_BTNH, k_BTKH, v_BTKH
+
+    def attend(self, q_BTNH, k_BSKH, v_BSKH, mask_B1TS: jax.Array | None, *, is_causal: bool = False):
+        """Softmax attention; returns [B,T,N,H]."""
+        local = (self.window - 1, 0) if (is_causal and self.mask_kind == "sliding") else None
+        return jax.nn.dot_product_attention(
+            q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, is_causal=is_causal, local_window_size=local
+        )
+
+    def output(self, o_BTNH: jax.Array) -> jax.Array:
+        return jnp.einsum("btnh,nhd->btd", o_BTNH.astype(self.dtype), self.o_NHD[...].astype(self.dtype))
+
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        segment_ids_BT: jax.Array | None = None,
+        *,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Self-attention over the T inputs, or over the cache after writing them at ``cache_index``."""
+        q_BTNH, k_BTKH, v_BTKH = self.project(x_BTD, positions_BT)
+        if cache is None and segment_ids_BT is None and self.mask_kind != "bidirectional":
+            # Plain causal / sliding over one sequence: let the backend use its fused causal path.
+            return self.output(self.attend(q_BTNH, k_BTKH, v_BTKH, None, is_causal=True)), None
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones(positions_BT.shape, jnp.int32)
+        if cache is not None:
+            if cache_index is None:
+                raise ValueError("cache_index is required when a KV cache is given")
+            cache = cache.write(cache_index, k_BTKH, v_BTKH, positions_BT, segment_ids_BT)
+            k_BSKH, v_BSKH = cache.k_BSKH.astype(self.dtype), cache.v_BSKH.astype(self.dtype)
+            k_pos_BS, k_seg_BS = cache.positions_BS, cache.segment_ids_BS
+        else:
+            k_BSKH, v_BSKH, k_pos_BS, k_seg_BS = k_BTKH, v_BTKH, positions_BT, segment_ids_BT
+        mask = attention_mask(
+            positions_BT, k_pos_BS, segment_ids_BT, k_seg_BS, kind=self.mask_kind, window=self.window
+        )
+        return self.output(self.attend(q_BTNH, k_BSKH, v_BSKH, mask)), cache
