@@ -1,0 +1,34 @@
+"""Data: TFDS builders generated offline (variable chains, byte text) and grain pipelines."""
+
+from looped_jax.data.chains import VariableChains, VariableChainsConfig, chains_vocab_size, generate_problem, solve
+from looped_jax.data.config import DATASET_NAMES, DataConfig, chains_min_seq_len, chains_problem_length
+from looped_jax.data.pipeline import get_builder, make_eval_batches, make_pipeline, prepare, split_names, vocab_size
+from looped_jax.data.text import ByteText, ByteTextConfig
+from looped_jax.data.tokenizer import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, decode_bytes, decode_text, encode_bytes
+
+__all__ = [
+    "BOS_ID",
+    "BYTE_VOCAB_SIZE",
+    "DATASET_NAMES",
+    "EOS_ID",
+    "PAD_ID",
+    "ByteText",
+    "ByteTextConfig",
+    "DataConfig",
+    "VariableChains",
+    "VariableChainsConfig",
+    "chains_min_seq_len",
+    "chains_problem_length",
+    "chains_vocab_size",
+    "decode_bytes",
+    "decode_text",
+    "encode_bytes",
+    "generate_problem",
+    "get_builder",
+    "make_eval_batches",
+    "make_pipeline",
+    "prepare",
+    "solve",
+    "split_names",
+    "vocab_size",
+]

@@ -1,0 +1,217 @@
+"""Typed experiment configs and command-line overrides.
+
+A config file in ``configs/`` defines ``get_config() -> ExperimentConfig``. Any field can be
+overridden as ``--config.model.mean_loops=8``; an unknown field or a value that does not parse
+as the field's type is an error naming the field. Configs are frozen dataclasses, so every
+override re-runs the field validation in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay, global-norm gradient clipping."""
+
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    decay_steps: int = 0  # 0 = decay over train.num_steps
+    end_learning_rate_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self):
+        _check(self.learning_rate > 0, "optim.learning_rate", "> 0", self.learning_rate)
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0", self.warmup_steps)
+        _check(self.decay_steps >= 0, "optim.decay_steps", ">= 0", self.decay_steps)
+        _check(0 <= self.end_learning_rate_ratio <= 1, "optim.end_learning_rate_ratio", "in [0, 1]", self.end_learning_rate_ratio)
+        _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1/b2", "in [0, 1)", (self.b1, self.b2))
+        _check(self.grad_clip >= 0, "optim.grad_clip", ">= 0", self.grad_clip)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    num_steps: int = 1000
+    global_batch_size: int = 32
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 0  # 0 = only at the end
+    eval_batches: int = 8
+    output_dir: str = "runs/default"
+
+    def __post_init__(self):
+        _check(self.num_steps >= 1, "train.num_steps", ">= 1", self.num_steps)
+        _check(self.global_batch_size >= 1, "train.global_batch_size", ">= 1", self.global_batch_size)
+        _check(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
+        _check(self.eval_every >= 0, "train.eval_every", ">= 0", self.eval_every)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; -1 on one axis means "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.tensor)
+        _check(sum(s == -1 for s in sizes) <= 1, "mesh", "at most one axis set to -1", sizes)
+        _check(all(s == -1 or s >= 1 for s in sizes), "mesh", "sizes >= 1 or -1", sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    save_every: int = 0  # 0 disables periodic saves (a final save still happens if enabled)
+    keep: int = 3
+    async_save: bool = True
+    resume: bool = True
+    enabled: bool = True
+
+    def __post_init__(self):
+        _check(self.save_every >= 0, "checkpoint.save_every", ">= 0", self.save_every)
+        _check(self.keep >= 1, "checkpoint.keep", ">= 1", self.keep)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    model: Any
+    data: Any
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+
+def _check(ok: bool, field: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ValueError(f"config field {field} must be {expected}, got {got!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> ExperimentConfig:
+    """Imports ``path`` (a Python file with ``get_config()``) and applies ``overrides``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"looped_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {str(path)!r} must define get_config()")
+    cfg = module.get_config()
+    return apply_overrides(cfg, overrides or {})
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, str | Any]) -> Any:
+    """Returns ``cfg`` with dotted-path fields replaced; strings are parsed by the field's type."""
+    for dotted, value in overrides.items():
+        cfg = _replace_path(cfg, dotted.split("."), value, dotted)
+    return cfg
+
+
+def _replace_path(obj: Any, parts: list[str], value: Any, full: str) -> Any:
+    if not dataclasses.is_dataclass(obj):
+        raise ValueError(f"config field {full!r}: {type(obj).__name__} has no sub-fields")
+    names = [f.name for f in dataclasses.fields(obj)]
+    head = parts[0]
+    if head not in names:
+        close = difflib.get_close_matches(head, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown config field {full!r}: {type(obj).__name__} has fields {names}{hint}")
+    current = getattr(obj, head)
+    if len(parts) > 1:
+        return dataclasses.replace(obj, **{head: _replace_path(current, parts[1:], value, full)})
+    if head == "name" and current != value:
+        raise ValueError(f"config field {full!r} selects the family and cannot be overridden; use another config file")
+    hint = typing.get_type_hints(type(obj))[head]
+    return dataclasses.replace(obj, **{head: parse_value(value, hint, full)})
+
+
+def parse_value(value: Any, hint: Any, field: str) -> Any:
+    """Parses a command-line string into ``hint`` (int, float, bool, str, tuple[...] or Optional)."""
+    if not isinstance(value, str) or hint is Any or hint is str:
+        return value
+    if dataclasses.is_dataclass(hint):
+        raise ValueError(f"config field {field!r} is a section; set its sub-fields instead")
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value.lower() in ("none", "null"):
+            return None
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return parse_value(value, args[0], field)
+    if origin is tuple:
+        elem = (typing.get_args(hint) or (str,))[0]
+        items = [v.strip() for v in value.strip("()[] ").split(",") if v.strip()]
+        return tuple(parse_value(v, elem, field) for v in items)
+    parsers = {int: int, float: float, bool: _parse_bool}
+    if hint in parsers:
+        try:
+            return parsers[hint](value)
+        except ValueError:
+            pass
+    raise ValueError(f"config field {field!r} expects {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _parse_bool(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(value)
+
+
+def parse_cli_overrides(argv: list[str]) -> tuple[str | None, dict[str, str]]:
+    """Splits ``--config PATH --config.a.b=v [--config.c.d v]`` into (path, overrides)."""
+    path, overrides, i = None, {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if "=" in arg else argv[(i := i + 1)]
+        elif arg.startswith("--config."):
+            key = arg[len("--config.") :]
+            if "=" in key:
+                key, val = key.split("=", 1)
+            else:
+                i += 1
+                if i >= len(argv):
+                    raise ValueError(f"override --config.{key} has no value")
+                val = argv[i]
+            overrides[key] = val
+        else:
+            raise ValueError(f"unexpected argument {arg!r}; expected --config PATH and --config.field=value")
+        i += 1
+    return path, overrides
+
+
+def to_dict(cfg: Any) -> dict:
+    """JSON-compatible nested dict of a config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Human-readable list of fields that differ between two config dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+        name = f"{prefix}{key}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_configs(va, vb, name + ".")
+        elif va != vb:
+            out.append(f"{name}: checkpoint has {va!r}, config has {vb!r}")
+    return out

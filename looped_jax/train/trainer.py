@@ -1,0 +1,236 @@
+"""The trainer: a jitted, sharded train step over pure parameter pytrees, a data pipeline
+with resumable state, periodic evaluation, metrics and orbax checkpoints.
+
+Every family goes through this code: a model only has to provide ``loss(batch, rng, train)``
+and ``__call__(inputs, positions_BT, segment_ids_BT, num_loops)`` (see ``looped_jax.models``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from looped_jax import sharding as shd
+from looped_jax.checkpoint import Checkpointer, abstract_like
+from looped_jax.config import ExperimentConfig, to_dict
+from looped_jax.models import build_model
+from looped_jax.train.losses import cross_entropy
+from looped_jax.train.metrics import MetricsLogger
+from looped_jax.train.optimizer import make_optimizer
+
+BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: number of optimizer steps taken
+    params: Any  # pure nested dict of float32 arrays
+    opt_state: Any
+
+
+class Trainer:
+    """Builds the model, mesh, optimizer and jitted steps for one ``ExperimentConfig``."""
+
+    def __init__(self, cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, log: bool = True):
+        self.cfg = cfg
+        self.mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh)
+        self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.num_steps)
+        self.base_key = jax.random.key(cfg.train.seed)
+        abstract_model = nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
+        self.graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
+        if jax.tree.leaves(abstract_rest):
+            raise ValueError("models must keep all their state in nnx.Param variables")
+        param_specs = shd.pure_param_specs(abstract_params, self.mesh)
+        abstract_opt = jax.eval_shape(self.tx.init, nnx.to_pure_dict(abstract_params))
+        opt_specs = optax.tree_map_params(
+            self.tx,
+            lambda _, spec: spec,
+            abstract_opt,
+            param_specs,
+            transform_non_params=lambda _: PartitionSpec(),
+            is_leaf=lambda x: isinstance(x, PartitionSpec),
+        )
+        self.state_specs = TrainState(PartitionSpec(), param_specs, opt_specs)
+        self.state_shardings = shd.named(self.mesh, self.state_specs)
+        self.batch_sharding = NamedSharding(self.mesh, shd.batch_spec(self.mesh))
+        self.logger = MetricsLogger(cfg.train.output_dir) if log else None
+        dp = shd.data_parallel_size(self.mesh)
+        if cfg.train.global_batch_size % dp:
+            raise ValueError(
+                f"train.global_batch_size={cfg.train.global_batch_size} must be divisible by the "
+                f"data-parallel size data*fsdp={dp}"
+            )
+        self.train_step = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=0,
+        )
+        self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_shardings.params, self.batch_sharding, None))
+
+    # -- pure functions ------------------------------------------------------------------------
+
+    def model(self, params) -> nnx.Module:
+        return nnx.merge(self.graphdef, params)
+
+    def _init(self) -> TrainState:
+        model = build_model(self.cfg.model, rngs=nnx.Rngs(self.cfg.train.seed))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+
+    def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(self.base_key, state.step)
+
+        def loss_fn(params):
+            return self.model(params).loss(batch, rng=rng, train=True)
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads), learning_rate=self.schedule(state.step))
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    def _eval_step(self, params, batch: dict, num_loops) -> dict:
+        model = self.model(params)
+        kwargs = {} if num_loops is None else {"num_loops": num_loops}
+        logits = model(
+            batch["inputs"],
+            positions_BT=batch["positions"],
+            segment_ids_BT=batch["segment_ids"],
+            rng=jax.random.key(0),
+            **kwargs,
+        )
+        _, m = cross_entropy(logits, batch["targets"], batch["weights"])
+        n = m["num_tokens"]
+        return {"loss_sum": m["loss"] * n, "correct": m["accuracy"] * n, "num_tokens": n}
+
+    # -- host-side loop -----------------------------------------------------------------------
+
+    def init_state(self) -> TrainState:
+        with jax.set_mesh(self.mesh):
+            return jax.jit(self._init, out_shardings=self.state_shardings)()
+
+    def abstract_state(self) -> TrainState:
+        with jax.set_mesh(self.mesh):
+            shapes = jax.eval_shape(self._init)
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings
+        )
+
+    def global_batch(self, batch: dict) -> dict:
+        """Lays this host's slice of the batch out on the mesh as global arrays."""
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(batch[k])) for k in BATCH_KEYS
+        }
+
+    def make_train_iterator(self):
+        from looped_jax.data import make_pipeline
+
+        return make_pipeline(
+            self.cfg.data,
+            split="train",
+            global_batch_size=self.cfg.train.global_batch_size,
+            seed=self.cfg.train.seed,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
+
+    def evaluate(self, params, split: str, *, num_batches: int | None = None, num_loops=None, batch_size=None) -> dict:
+        """Token loss / accuracy over (the first ``num_batches`` batches of) a split."""
+        from looped_jax.data import make_pipeline
+
+        it = make_pipeline(
+            self.cfg.data,
+            split=split,
+            global_batch_size=batch_size or self.cfg.train.global_batch_size,
+            seed=0,
+            shuffle=False,
+            num_epochs=1,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
+        totals = {"loss_sum": 0.0, "correct": 0.0, "num_tokens": 0.0}
+        loops = None if num_loops is None else jnp.int32(num_loops)
+        with jax.set_mesh(self.mesh):
+            for i, batch in enumerate(it):
+                if num_batches is not None and i >= num_batches:
+                    break
+                out = self.eval_step(params, self.global_batch(batch), loops)
+                for k in totals:
+                    totals[k] += float(out[k])
+        n = max(totals["num_tokens"], 1.0)
+        return {"loss": totals["loss_sum"] / n, "accuracy": totals["correct"] / n, "num_tokens": totals["num_tokens"]}
+
+    def fit(self, *, eval_splits: tuple[str, ...] = (), stop_at: int | None = None) -> tuple[TrainState, dict]:
+        """Trains to ``train.num_steps``, resuming from the latest checkpoint if there is one.
+
+        ``stop_at`` ends the run early (after a checkpoint) as if it had been interrupted there.
+        """
+        cfg = self.cfg
+        out_dir = Path(cfg.train.output_dir).expanduser()
+        ckpt = None
+        if cfg.checkpoint.enabled:
+            ckpt = Checkpointer(
+                out_dir / "checkpoints",
+                keep=cfg.checkpoint.keep,
+                save_every=cfg.checkpoint.save_every,
+                async_save=cfg.checkpoint.async_save,
+            )
+        config_dict = to_dict(cfg)
+        it = self.make_train_iterator()
+        if ckpt is not None and cfg.checkpoint.resume and ckpt.latest_step() is not None:
+            state, data_state, step = ckpt.restore(self.abstract_state(), config=config_dict)
+            if data_state is not None:
+                it.set_state(data_state)
+            self._print(f"resumed from step {step} in {ckpt.directory}")
+        else:
+            state = self.init_state()
+        start = int(state.step)
+        tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+        last_time, last_step = time.perf_counter(), start
+        history: dict = {}
+        metrics = None
+        with jax.set_mesh(self.mesh):
+            end = cfg.train.num_steps if stop_at is None else min(stop_at, cfg.train.num_steps)
+            for step in range(start, end):
+                state, metrics = self.train_step(state, self.global_batch(next(it)))
+                done = step + 1
+                if done % cfg.train.log_every == 0 or done == cfg.train.num_steps:
+                    metrics = jax.device_get(metrics)
+                    now = time.perf_counter()
+                    rate = (done - last_step) / max(now - last_time, 1e-9)
+                    last_time, last_step = now, done
+                    self._log(done, dict(metrics, steps_per_s=rate, tokens_per_s=rate * tokens_per_step))
+                if ckpt is not None and ckpt.should_save(done) and done < cfg.train.num_steps:
+                    ckpt.save(done, state, config=config_dict, data_state=it.get_state())
+                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.num_steps:
+                    self._run_evals(state, done, eval_splits)
+            if ckpt is not None and int(state.step) > start:
+                ckpt.save(int(state.step), state, config=config_dict, data_state=it.get_state())
+            history["eval"] = self._run_evals(state, int(state.step), eval_splits)
+        if ckpt is not None:
+            ckpt.close()
+        history["train"] = None if metrics is None else {k: float(v) for k, v in jax.device_get(metrics).items()}
+        return state, history
+
+    def _run_evals(self, state: TrainState, step: int, splits: tuple[str, ...]) -> dict:
+        results = {}
+        for split in splits:
+            results[split] = self.evaluate(state.params, split, num_batches=self.cfg.train.eval_batches)
+            self._log(step, results[split], prefix=f"eval/{split}")
+        return results
+
+    def _log(self, step: int, metrics: dict, prefix: str = "train") -> None:
+        if self.logger is not None:
+            self.logger.write(step, metrics, prefix=prefix)
+
+    def _print(self, msg: str) -> None:
+        if self.logger is not None:
+            print(msg, flush=True)
