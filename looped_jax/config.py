@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any
 
 
+def _check(ok: bool, field: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ValueError(f"config field {field} must be {expected}, got {got!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warmup and cosine decay, global-norm gradient clipping."""
@@ -93,11 +98,6 @@ class ExperimentConfig:
     train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
-
-
-def _check(ok: bool, field: str, expected: str, got: Any) -> None:
-    if not ok:
-        raise ValueError(f"config field {field} must be {expected}, got {got!r}")
 
 
 # ---------------------------------------------------------------------------------------------

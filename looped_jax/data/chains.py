@@ -44,9 +44,7 @@ def chains_vocab_size(num_vars: int) -> int:
     return VAR0 + num_vars
 
 
-def generate_problem(
-    rng: np.random.Generator, *, num_vars: int, num_assignments: int, hops: int
-) -> np.ndarray:
+def generate_problem(rng: np.random.Generator, *, num_vars: int, num_assignments: int, hops: int) -> np.ndarray:
     """Samples one problem: int32 tokens [L] ending in the answer digit."""
     if not 1 <= hops <= num_assignments <= num_vars:
         raise ValueError(f"need 1 <= hops ({hops}) <= num_assignments ({num_assignments}) <= num_vars ({num_vars})")
@@ -213,8 +211,11 @@ class VariableChains(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str):
         for i, tokens in enumerate(self._problems(split)):
             _, hops = solve(tokens)
-            yield f"{split}_{i}", {
-                "tokens": tokens,
-                "answer_position": np.int32(len(tokens) - 1),
-                "hops": np.int32(hops),
-            }
+            yield (
+                f"{split}_{i}",
+                {
+                    "tokens": tokens,
+                    "answer_position": np.int32(len(tokens) - 1),
+                    "hops": np.int32(hops),
+                },
+            )

@@ -87,16 +87,14 @@ class DataConfig:
             )
         if self.train_max_hops > self.num_assignments:
             raise ValueError(
-                f"data.train_max_hops must be <= data.num_assignments={self.num_assignments}, "
-                f"got {self.train_max_hops}"
+                f"data.train_max_hops must be <= data.num_assignments={self.num_assignments}, got {self.train_max_hops}"
             )
         if not self.test_hops or len(set(self.test_hops)) != len(self.test_hops):
             raise ValueError(f"data.test_hops must be a non-empty tuple of distinct ints, got {self.test_hops}")
         for hops in self.test_hops:
             if not 1 <= hops <= self.num_assignments:
                 raise ValueError(
-                    f"data.test_hops entries must be in [1, data.num_assignments={self.num_assignments}], "
-                    f"got {hops}"
+                    f"data.test_hops entries must be in [1, data.num_assignments={self.num_assignments}], got {hops}"
                 )
         for field_name in ("num_train", "num_test", "max_text_bytes", "text_shuffle_window"):
             if getattr(self, field_name) < 1:

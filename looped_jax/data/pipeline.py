@@ -181,7 +181,11 @@ def make_pipeline(
     host_batch = global_batch_size // shard_count
     source = _data_source(cfg, split)
     if cfg.name == "chains":
-        return iter(_chains_dataset(cfg, source, global_batch_size, host_batch, seed, shuffle, num_epochs, shard_index, shard_count))
+        return iter(
+            _chains_dataset(
+                cfg, source, global_batch_size, host_batch, seed, shuffle, num_epochs, shard_index, shard_count
+            )
+        )
     return iter(_text_dataset(cfg, source, host_batch, seed, shuffle, num_epochs, shard_index, shard_count))
 
 
@@ -226,9 +230,7 @@ def _text_dataset(cfg, source, host_batch, seed, shuffle, num_epochs, shard_inde
     return ds.map(lambda batch: _pad_batch(batch, host_batch))
 
 
-def make_eval_batches(
-    cfg: DataConfig, split: str, batch_size: int, *, max_batches: int | None = None
-) -> list[Batch]:
+def make_eval_batches(cfg: DataConfig, split: str, batch_size: int, *, max_batches: int | None = None) -> list[Batch]:
     """All batches of one pass over `split`, unshuffled, the last padded with weight-0 rows."""
     iterator = make_pipeline(cfg, split=split, global_batch_size=batch_size, seed=0, shuffle=False, num_epochs=1)
     batches = []

@@ -31,7 +31,7 @@ def default_text_dir() -> str:
 
 def _path_hash(rel_path: str, salt: str) -> int:
     """64-bit hash of a path; different salts give independent orders and splits."""
-    digest = hashlib.sha1(f"{salt}:{rel_path}".encode("utf-8")).digest()
+    digest = hashlib.sha1(f"{salt}:{rel_path}".encode()).digest()
     return int.from_bytes(digest[:8], "big")
 
 
@@ -60,9 +60,7 @@ def list_documents(root: str, max_bytes: int) -> list[tuple[str, str]]:
     return taken
 
 
-def split_documents(
-    docs: list[tuple[str, str]], validation_fraction: float
-) -> dict[str, list[tuple[str, str]]]:
+def split_documents(docs: list[tuple[str, str]], validation_fraction: float) -> dict[str, list[tuple[str, str]]]:
     """Assigns documents to train/validation by path hash; both splits get >= 1 document."""
     if len(docs) < 2:
         raise ValueError(f"the text corpus needs at least 2 non-empty files, found {len(docs)}")
@@ -90,9 +88,7 @@ class ByteTextConfig(tfds.core.BuilderConfig):
         """A config named by a hash of its resolved source directory and limits."""
         text_dir = os.path.abspath(os.path.expanduser(cfg.text_dir)) if cfg.text_dir else ""
         source = text_dir or f"stdlib:{default_text_dir()}"
-        digest = hashlib.sha1(
-            repr((source, cfg.max_text_bytes, cfg.validation_fraction)).encode()
-        ).hexdigest()[:10]
+        digest = hashlib.sha1(repr((source, cfg.max_text_bytes, cfg.validation_fraction)).encode()).hexdigest()[:10]
         prefix = "dir" if text_dir else "stdlib"
         return cls(
             name=f"{prefix}_{digest}",

@@ -10,6 +10,7 @@
 from looped_jax.recurrence.convergence import (
     ConvergenceResult,
     iterate_to_convergence,
+    kl_divergence,
 )
 from looped_jax.recurrence.fixed_point import (
     fixed_point_implicit,
@@ -27,6 +28,7 @@ __all__ = [
     "fixed_point_implicit",
     "fixed_point_one_step",
     "iterate_to_convergence",
+    "kl_divergence",
     "resolve_remat_policy",
     "unroll",
 ]

@@ -51,6 +51,27 @@ class ConvergenceResult(NamedTuple):
     num_iterations: jax.Array
 
 
+def kl_divergence(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
+    """KL(softmax(logits_p) || softmax(logits_q)) over the last axis, in float32.
+
+    The textbook sum p (log p - log q) loses everything below ~1e-6 to rounding of
+    the log-probabilities. With delta = logits_p - logits_q and c = delta - E_p[delta],
+    KL = log E_p[exp(-c)] = log1p(E_p[expm1(-c)]), which stays accurate as p -> q;
+    the textbook form is used where the divergence is large (no overflow there).
+    """
+    logits_p = logits_p.astype(jnp.float32)
+    logits_q = logits_q.astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits_p, axis=-1)
+    p = jnp.exp(logp)
+    logq = jax.nn.log_softmax(logits_q, axis=-1)
+    # Zero-probability entries (e.g. -inf logits on both sides) contribute nothing.
+    naive = jnp.sum(jnp.where(p > 0, p * (logp - logq), 0.0), axis=-1)
+    delta = jnp.where(p > 0, logits_p - logits_q, 0.0)
+    centered = delta - jnp.sum(p * delta, axis=-1, keepdims=True)
+    small = jnp.log1p(jnp.sum(p * jnp.expm1(-centered), axis=-1))
+    return jnp.maximum(jnp.where(naive > 1e-2, naive, small), 0.0)
+
+
 def _validate(
     state: Any,
     max_steps: Any,
@@ -167,8 +188,8 @@ def iterate_to_convergence(
         den = jnp.sqrt(jnp.sum(new32 * new32, axis=axes))
         return num / jnp.maximum(den, _TINY)
 
-    def log_probs(s: jax.Array) -> jax.Array:
-        return jax.nn.log_softmax(readout(params, s).astype(jnp.float32), axis=-1)
+    def logits32(s: jax.Array) -> jax.Array:
+        return readout(params, s).astype(jnp.float32)
 
     init = {
         "k": jnp.zeros((), jnp.int32),
@@ -178,11 +199,11 @@ def iterate_to_convergence(
         "residuals": jnp.full((max_steps, batch), jnp.nan, jnp.float32),
     }
     if readout is not None:
-        logp0 = log_probs(state)
-        init["logp"] = logp0
+        logits0 = logits32(state)
+        init["logits"] = logits0
         init["kl"] = jnp.full((max_steps, batch), jnp.nan, jnp.float32)
         if argmax_patience is not None:
-            init["argmax"] = jnp.argmax(logp0, axis=-1).astype(jnp.int32)
+            init["argmax"] = jnp.argmax(logits0, axis=-1).astype(jnp.int32)
             init["same_count"] = jnp.zeros(token_shape, jnp.int32)
 
     def cond(c: dict[str, jax.Array]) -> jax.Array:
@@ -199,17 +220,16 @@ def iterate_to_convergence(
             conv &= rel < tol
         out = dict(c)
         if readout is not None:
-            logp = log_probs(new)
-            kl_tok = jnp.sum(jnp.exp(logp) * (logp - c["logp"]), axis=-1)
-            kl = token_max_to_elem(kl_tok)
+            logits = logits32(new)
+            kl = token_max_to_elem(kl_divergence(logits, c["logits"]))
             if kl_tol is not None:
                 conv &= kl < kl_tol
-            out["logp"] = jnp.where(active_tok[..., None], logp, c["logp"])
+            out["logits"] = jnp.where(active_tok[..., None], logits, c["logits"])
             out["kl"] = c["kl"].at[k - 1].set(
                 elem_max_to_example(jnp.where(active, kl, 0.0))
             )
             if argmax_patience is not None:
-                am = jnp.argmax(logp, axis=-1).astype(jnp.int32)
+                am = jnp.argmax(logits, axis=-1).astype(jnp.int32)
                 count = jnp.where(am == c["argmax"], c["same_count"] + 1, 0)
                 count_elem = count if per_token else jnp.min(count, nonbatch_tok_axes)
                 conv &= count_elem >= argmax_patience

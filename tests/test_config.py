@@ -1,0 +1,78 @@
+import dataclasses
+
+import pytest
+
+from looped_jax.config import (
+    ExperimentConfig,
+    MeshConfig,
+    OptimConfig,
+    TrainConfig,
+    apply_overrides,
+    diff_configs,
+    parse_cli_overrides,
+    to_dict,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    name: str = "toy"
+    width: int = 4
+    rate: float = 0.5
+    flag: bool = False
+    sizes: tuple[int, ...] = (1, 2)
+
+    def __post_init__(self):
+        if self.width < 1:
+            raise ValueError(f"config field model.width must be >= 1, got {self.width}")
+
+
+def _cfg():
+    return ExperimentConfig(model=_Model(), data=_Model(name="data"))
+
+
+def test_overrides_parse_by_type():
+    cfg = apply_overrides(
+        _cfg(),
+        {"model.width": "8", "model.rate": "1e-3", "model.flag": "true", "model.sizes": "3,4,5", "train.seed": "7"},
+    )
+    assert cfg.model.width == 8 and cfg.model.rate == 1e-3 and cfg.model.flag is True
+    assert cfg.model.sizes == (3, 4, 5) and cfg.train.seed == 7
+
+
+def test_unknown_field_is_named_with_suggestion():
+    with pytest.raises(ValueError, match=r"model.widht.*did you mean 'width'"):
+        apply_overrides(_cfg(), {"model.widht": "3"})
+
+
+def test_ill_typed_value_is_named():
+    with pytest.raises(ValueError, match=r"model.width.*expects int.*'abc'"):
+        apply_overrides(_cfg(), {"model.width": "abc"})
+    with pytest.raises(ValueError, match="model.flag"):
+        apply_overrides(_cfg(), {"model.flag": "maybe"})
+
+
+def test_validation_reruns_after_override():
+    with pytest.raises(ValueError, match="model.width must be >= 1"):
+        apply_overrides(_cfg(), {"model.width": "0"})
+    with pytest.raises(ValueError, match="optim.learning_rate"):
+        OptimConfig(learning_rate=-1.0)
+    with pytest.raises(ValueError, match="mesh"):
+        MeshConfig(data=-1, fsdp=-1)
+    with pytest.raises(ValueError, match="train.num_steps"):
+        TrainConfig(num_steps=0)
+
+
+def test_family_name_cannot_be_overridden():
+    with pytest.raises(ValueError, match="model.name"):
+        apply_overrides(_cfg(), {"model.name": "other"})
+
+
+def test_cli_parsing_and_diff():
+    path, ov = parse_cli_overrides(["--config", "c.py", "--config.model.width=3", "--config.train.seed", "2"])
+    assert path == "c.py" and ov == {"model.width": "3", "train.seed": "2"}
+    with pytest.raises(ValueError, match="unexpected argument"):
+        parse_cli_overrides(["--learning_rate=3"])
+    a = to_dict(_cfg())
+    b = to_dict(apply_overrides(_cfg(), {"model.width": "5"}))
+    assert diff_configs(a, b) == ["model.width: checkpoint has 4, config has 5"]
