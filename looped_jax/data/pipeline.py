@@ -180,16 +180,25 @@ def make_pipeline(
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     host_batch = global_batch_size // shard_count
     source = _data_source(cfg, split)
+    shard = slice(shard_index, None, shard_count)
     if cfg.name == "chains":
-        return iter(
-            _chains_dataset(
-                cfg, source, global_batch_size, host_batch, seed, shuffle, num_epochs, shard_index, shard_count
-            )
-        )
-    return iter(_text_dataset(cfg, source, host_batch, seed, shuffle, num_epochs, shard_index, shard_count))
+        ds = _chains_dataset(cfg, source, global_batch_size, host_batch, seed, shuffle, num_epochs, shard)
+    else:
+        ds = _text_dataset(cfg, source, host_batch, seed, shuffle, num_epochs, shard)
+    return iter(ds)
 
 
-def _chains_dataset(cfg, source, global_batch, host_batch, seed, shuffle, num_epochs, shard_index, shard_count):
+def _chains_dataset(
+    cfg: DataConfig,
+    source: Any,
+    global_batch: int,
+    host_batch: int,
+    seed: int,
+    shuffle: bool,
+    num_epochs: int | None,
+    shard: slice,
+) -> grain.IterDataset:
+    """Problems -> padded rows; a finite pass is padded to whole global batches first."""
     seq_len = cfg.seq_len
     ds = grain.MapDataset.source(source)
     if shuffle:
@@ -205,14 +214,23 @@ def _chains_dataset(cfg, source, global_batch, host_batch, seed, shuffle, num_ep
         }
         records = ds
         ds = grain.MapDataset.range(padded).map(lambda i: records[i] if i < total else empty)
-    ds = ds[shard_index::shard_count]
+    ds = ds[shard]
     ds = ds.map(lambda example: _chains_row(example, seq_len))
     ds = ds.batch(host_batch, drop_remainder=False)
     return ds.to_iter_dataset(_READ_OPTIONS)
 
 
-def _text_dataset(cfg, source, host_batch, seed, shuffle, num_epochs, shard_index, shard_count):
-    docs = grain.MapDataset.source(source)[shard_index::shard_count]
+def _text_dataset(
+    cfg: DataConfig,
+    source: Any,
+    host_batch: int,
+    seed: int,
+    shuffle: bool,
+    num_epochs: int | None,
+    shard: slice,
+) -> grain.IterDataset:
+    """Documents -> pieces of T + 1 tokens -> (window shuffle) -> first-fit packed rows."""
+    docs = grain.MapDataset.source(source)[shard]
     if shuffle:
         docs = docs.shuffle(seed=seed)
     ds = docs.repeat(num_epochs).to_iter_dataset(_READ_OPTIONS)

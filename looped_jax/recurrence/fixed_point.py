@@ -69,12 +69,8 @@ def _implicit(step, max_steps, tol, adjoint_max_steps, adjoint_tol, params, carr
     return _iterate(lambda z: step(params, z, inputs), carry, max_steps, tol)
 
 
-def _implicit_fwd(
-    step, max_steps, tol, adjoint_max_steps, adjoint_tol, params, carry, inputs
-):
-    z_star = _implicit(
-        step, max_steps, tol, adjoint_max_steps, adjoint_tol, params, carry, inputs
-    )
+def _implicit_fwd(step, max_steps, tol, adjoint_max_steps, adjoint_tol, params, carry, inputs):
+    z_star = _implicit(step, max_steps, tol, adjoint_max_steps, adjoint_tol, params, carry, inputs)
     return z_star, (params, z_star, inputs)
 
 
@@ -123,9 +119,7 @@ def fixed_point_implicit(
     adjoint_max_steps = max_steps if adjoint_max_steps is None else adjoint_max_steps
     adjoint_tol = tol if adjoint_tol is None else adjoint_tol
     if not is_static_int(adjoint_max_steps) or adjoint_max_steps < 1:
-        raise ValueError(
-            f"adjoint_max_steps must be a Python int >= 1, got {adjoint_max_steps!r}."
-        )
+        raise ValueError(f"adjoint_max_steps must be a Python int >= 1, got {adjoint_max_steps!r}.")
     if not adjoint_tol > 0:
         raise ValueError(f"adjoint_tol must be > 0, got {adjoint_tol!r}.")
     return _implicit(

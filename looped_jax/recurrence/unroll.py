@@ -30,9 +30,7 @@ REMAT_POLICIES: dict[str, Callable[..., Any]] = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
-    "dots_with_no_batch_dims_saveable": (
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    ),
+    "dots_with_no_batch_dims_saveable": (jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
 }
 
 
@@ -43,10 +41,7 @@ def resolve_remat_policy(
     if remat_policy is None or callable(remat_policy):
         return remat_policy
     if remat_policy not in REMAT_POLICIES:
-        raise ValueError(
-            f"Unknown remat_policy {remat_policy!r}; expected None or one of "
-            f"{sorted(REMAT_POLICIES)}."
-        )
+        raise ValueError(f"Unknown remat_policy {remat_policy!r}; expected None or one of {sorted(REMAT_POLICIES)}.")
     return REMAT_POLICIES[remat_policy]
 
 
@@ -68,31 +63,20 @@ def _make_apply(step: StepFn, remat_policy: Any) -> StepFn:
     return jax.checkpoint(step, policy=policy, prevent_cse=False)
 
 
-def _validate(
-    num_steps: Any, grad_steps: Any, max_steps: Any, record_fn: Any
-) -> bool:
+def _validate(num_steps: Any, grad_steps: Any, max_steps: Any, record_fn: Any) -> bool:
     """Checks the loop arguments; returns True when num_steps is static."""
     if grad_steps is not None and (not is_static_int(grad_steps) or grad_steps < 1):
-        raise ValueError(
-            f"grad_steps must be None or a Python int >= 1, got {grad_steps!r}."
-        )
+        raise ValueError(f"grad_steps must be None or a Python int >= 1, got {grad_steps!r}.")
     if max_steps is not None and (not is_static_int(max_steps) or max_steps < 0):
-        raise ValueError(
-            f"max_steps must be None or a Python int >= 0, got {max_steps!r}."
-        )
+        raise ValueError(f"max_steps must be None or a Python int >= 0, got {max_steps!r}.")
     if is_static_int(num_steps):
         if num_steps < 0:
             raise ValueError(f"num_steps must be >= 0, got {num_steps}.")
         if max_steps is not None and num_steps > max_steps:
-            raise ValueError(
-                f"num_steps={num_steps} exceeds max_steps={max_steps}."
-            )
+            raise ValueError(f"num_steps={num_steps} exceeds max_steps={max_steps}.")
         return True
     if isinstance(num_steps, (bool, float)) or not hasattr(num_steps, "dtype"):
-        raise ValueError(
-            "num_steps must be a Python int or an integer JAX scalar, "
-            f"got {num_steps!r}."
-        )
+        raise ValueError(f"num_steps must be a Python int or an integer JAX scalar, got {num_steps!r}.")
     if jnp.ndim(num_steps) != 0 or not jnp.issubdtype(num_steps.dtype, jnp.integer):
         raise ValueError(
             "A traced num_steps must be an integer scalar, got shape "
@@ -104,10 +88,7 @@ def _validate(
             "differentiated phase is a scan of static length grad_steps)."
         )
     if record_fn is not None and max_steps is None:
-        raise ValueError(
-            "record_fn with a traced num_steps needs a static max_steps (the "
-            "trajectory length)."
-        )
+        raise ValueError("record_fn with a traced num_steps needs a static max_steps (the trajectory length).")
     return False
 
 
@@ -189,9 +170,7 @@ def _unroll_traced(
         buf = None
     else:
         rec_shapes = jax.eval_shape(record_fn, carry)
-        buf0 = jax.tree.map(
-            lambda s: jnp.zeros((max_steps,) + s.shape, s.dtype), rec_shapes
-        )
+        buf0 = jax.tree.map(lambda s: jnp.zeros((max_steps,) + s.shape, s.dtype), rec_shapes)
 
         def body(i, val):
             c, b = val
@@ -206,9 +185,7 @@ def _unroll_traced(
         c_nograd, buf = jax.lax.fori_loop(0, n_nograd, body, (c0, buf0))
     # With an empty prefix the initial carry itself must keep its gradient.
     has_prefix = n_nograd > 0
-    start = jax.tree.map(
-        lambda a, b: jnp.where(has_prefix, a, b), c_nograd, carry
-    )
+    start = jax.tree.map(lambda a, b: jnp.where(has_prefix, a, b), c_nograd, carry)
 
     # Phase 2: static-length scan; iterations i >= n_grad keep the carry.
     def grad_body(c, i):
@@ -217,9 +194,7 @@ def _unroll_traced(
         c = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, c)
         return c, (None if record_fn is None else record_fn(c))
 
-    carry_out, ys = jax.lax.scan(
-        grad_body, start, jnp.arange(grad_steps, dtype=jnp.int32)
-    )
+    carry_out, ys = jax.lax.scan(grad_body, start, jnp.arange(grad_steps, dtype=jnp.int32))
     if record_fn is None:
         return carry_out, None
 
@@ -294,6 +269,4 @@ def unroll(
             record_fn,
             max_steps,
         )
-    return _unroll_traced(
-        apply, step, params, carry, inputs, num_steps, grad_steps, record_fn, max_steps
-    )
+    return _unroll_traced(apply, step, params, carry, inputs, num_steps, grad_steps, record_fn, max_steps)

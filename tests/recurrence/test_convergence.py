@@ -37,12 +37,14 @@ def log_softmax64(logits):
     return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
 
 
-def reference(params, state, x, *, max_steps=MAX_STEPS, tol=None, kl_tol=None,
-              patience=None, granularity="token", min_steps=1):
+def reference(
+    params, state, x, *, max_steps=MAX_STEPS, tol=None, kl_tol=None, patience=None, granularity="token", min_steps=1
+):
     """Steps and converged flags from an unmasked run (tokens do not interact)."""
     states = [state]
+    jit_step = jax.jit(step)
     for _ in range(max_steps):
-        states.append(step(params, states[-1], x))
+        states.append(jit_step(params, states[-1], x))
     s_KBTD = np.stack([np.asarray(s, np.float64) for s in states])
     axes = (-1,) if granularity == "token" else (-2, -1)
     diff = np.linalg.norm(s_KBTD[1:] - s_KBTD[:-1], axis=axes)
@@ -159,8 +161,14 @@ def test_argmax_patience(granularity):
     params, state, x = make_problem(3)
     kwargs = dict(patience=3, granularity=granularity)
     res = iterate_to_convergence(
-        step, params, state, x, max_steps=MAX_STEPS, readout=readout,
-        argmax_patience=3, granularity=granularity,
+        step,
+        params,
+        state,
+        x,
+        max_steps=MAX_STEPS,
+        readout=readout,
+        argmax_patience=3,
+        granularity=granularity,
     )
     steps, converged, s_KBTD, _ = reference(params, state, x, **kwargs)
     assert converged.all() and (steps >= 3).all()
@@ -189,7 +197,7 @@ def test_kl_divergence_accurate_for_close_distributions():
         # Reference in float64 from the same float32 inputs.
         lp, lq = log_softmax64(p32.astype(np.float64)), log_softmax64(q32.astype(np.float64))
         want = np.sum(np.exp(lp) * (lp - lq), axis=-1)
-        got = kl_divergence(jnp.asarray(p32), jnp.asarray(q32))
+        got = jax.jit(kl_divergence)(jnp.asarray(p32), jnp.asarray(q32))
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-15)
     # -inf logits on both sides are ignored; large divergences stay finite.
     masked = jnp.array([[0.0, 1.0, -jnp.inf]])
@@ -199,7 +207,7 @@ def test_kl_divergence_accurate_for_close_distributions():
 
 def test_errors():
     params, state, x = make_problem()
-    call = lambda **kw: iterate_to_convergence(step, params, state, x, **kw)  # noqa: E731
+    call = lambda **kw: iterate_to_convergence(step, params, state, x, **kw)
     with pytest.raises(ValueError, match="at least one criterion"):
         call(max_steps=5)
     with pytest.raises(ValueError, match="need a readout"):

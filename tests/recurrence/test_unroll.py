@@ -139,13 +139,9 @@ def test_gradient_free_prefix_has_symbolic_zero_tangents():
     r = jnp.int32(6)
     primal = jax.make_jaxpr(fwd)(params, r)
     tangents = jax.tree.map(jnp.ones_like, params)
-    jvp = jax.make_jaxpr(lambda p, t: jax.jvp(lambda q: fwd(q, r), (p,), (t,)))(
-        params, tangents
-    )
+    jvp = jax.make_jaxpr(lambda p, t: jax.jvp(lambda q: fwd(q, r), (p,), (t,)))(params, tangents)
     # Same while_loop carry in the JVP as in the primal: no tangents are carried.
-    assert while_outvar_counts(primal) and while_outvar_counts(jvp) == (
-        while_outvar_counts(primal)
-    )
+    assert while_outvar_counts(primal) and while_outvar_counts(jvp) == (while_outvar_counts(primal))
 
 
 def test_activation_memory_independent_of_num_steps():
@@ -204,7 +200,13 @@ def test_record_fn_traced_matches_static(r):
 
     def run(p, num_steps):
         return unroll(
-            step, p, carry, x, num_steps=num_steps, grad_steps=3, record_fn=lambda c: c,
+            step,
+            p,
+            carry,
+            x,
+            num_steps=num_steps,
+            grad_steps=3,
+            record_fn=lambda c: c,
             max_steps=max_steps,
         )
 

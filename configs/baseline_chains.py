@@ -1,0 +1,34 @@
+"""Fixed-depth transformer baseline for the chains task: same width and block design, no loop.
+
+Depth = prelude + core + coda of ``recurrent_depth_chains`` (3 unshared layers), so the
+parameter count matches (the recurrent model has one extra 2d -> d adapter).
+"""
+
+from looped_jax.config import CheckpointConfig, ExperimentConfig, OptimConfig, TrainConfig
+from looped_jax.data import DataConfig
+from looped_jax.models.looped import LoopedConfig
+
+
+def get_config() -> ExperimentConfig:
+    data = DataConfig(name="chains", seq_len=40, num_train=20_000, num_test=500)
+    model = LoopedConfig(
+        vocab_size=35,
+        d_model=64,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=16,
+        mlp_dim=192,
+        num_layers=3,
+        num_loops=1,
+        share_weights=False,
+        rope_theta=10_000.0,
+    )
+    return ExperimentConfig(
+        model=model,
+        data=data,
+        optim=OptimConfig(learning_rate=3e-3, warmup_steps=100, weight_decay=0.1, end_learning_rate_ratio=0.05),
+        train=TrainConfig(
+            num_steps=1500, global_batch_size=64, log_every=100, eval_batches=4, output_dir="runs/baseline_chains"
+        ),
+        checkpoint=CheckpointConfig(save_every=500, keep=2),
+    )

@@ -1,0 +1,38 @@
+"""Tiny recurrent-depth model on the variable-chains task (the README's main job, CPU minutes).
+
+Trained on 1-4 hop problems with loop counts sampled around mean_loops; evaluated on 1-8 hops
+with 1..32 loops to show test-time depth scaling.
+"""
+
+from looped_jax.config import CheckpointConfig, ExperimentConfig, OptimConfig, TrainConfig
+from looped_jax.data import DataConfig
+from looped_jax.models.recurrent_depth import RecurrentDepthConfig
+
+
+def get_config() -> ExperimentConfig:
+    data = DataConfig(name="chains", seq_len=40, num_train=20_000, num_test=500)
+    model = RecurrentDepthConfig(
+        vocab_size=35,
+        d_model=64,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=16,
+        mlp_dim=192,
+        num_prelude_layers=1,
+        num_core_layers=1,
+        num_coda_layers=1,
+        mean_loops=8,
+        grad_steps=8,
+        max_train_loops=32,
+        eval_loops=8,
+        rope_theta=10_000.0,
+    )
+    return ExperimentConfig(
+        model=model,
+        data=data,
+        optim=OptimConfig(learning_rate=3e-3, warmup_steps=100, weight_decay=0.1, end_learning_rate_ratio=0.05),
+        train=TrainConfig(
+            num_steps=1500, global_batch_size=64, log_every=100, eval_batches=4, output_dir="runs/recurrent_depth_chains"
+        ),
+        checkpoint=CheckpointConfig(save_every=500, keep=2),
+    )
