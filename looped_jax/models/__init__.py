@@ -1,0 +1,49 @@
+"""Model families and the registry the trainer builds from (``cfg.name`` selects the family).
+
+Every model provides ``loss(batch, *, rng, train) -> (loss, metrics)`` and
+``__call__(inputs_BT, *, positions_BT, segment_ids_BT, num_loops, rng) -> logits_BTV``.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from looped_jax.models.looped import LoopedConfig, LoopedModel
+from looped_jax.models.recurrent_depth import RecurrentDepthConfig, RecurrentDepthModel
+
+MODEL_CONFIGS: dict[str, type] = {
+    "recurrent_depth": RecurrentDepthConfig,
+    "looped": LoopedConfig,
+}
+MODEL_CLASSES: dict[str, type[nnx.Module]] = {
+    "recurrent_depth": RecurrentDepthModel,
+    "looped": LoopedModel,
+}
+
+
+def build_model(cfg, *, rngs: nnx.Rngs) -> nnx.Module:
+    """Instantiates the family named by ``cfg.name`` with ``cfg``."""
+    name = getattr(cfg, "name", None)
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model.name={name!r}; expected one of {sorted(MODEL_CONFIGS)}")
+    if not isinstance(cfg, MODEL_CONFIGS[name]):
+        raise ValueError(f"model.name={name!r} needs a {MODEL_CONFIGS[name].__name__}, got {type(cfg).__name__}")
+    return MODEL_CLASSES[name](cfg, rngs=rngs)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of scalars in the model's ``nnx.Param`` leaves."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+__all__ = [
+    "MODEL_CLASSES",
+    "MODEL_CONFIGS",
+    "LoopedConfig",
+    "LoopedModel",
+    "RecurrentDepthConfig",
+    "RecurrentDepthModel",
+    "build_model",
+    "count_params",
+]

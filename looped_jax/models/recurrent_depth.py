@@ -22,8 +22,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from looped_jax.nn import Block, BlockConfig, Embed, KVCache, RMSNorm, apply_stack, param, resolve_dtype
-from looped_jax.nn import takase_std, truncated_normal
+from looped_jax.nn import (
+    Block,
+    BlockConfig,
+    Embed,
+    KVCache,
+    RMSNorm,
+    apply_stack,
+    param,
+    resolve_dtype,
+    takase_std,
+    truncated_normal,
+)
 from looped_jax.recurrence import REMAT_POLICIES, iterate_to_convergence, unroll
 from looped_jax.train.losses import cross_entropy
 
@@ -135,7 +145,9 @@ class RecurrentCore(nnx.Module):
         per_layer = None
         if caches is not None:
             per_layer = [jax.tree.map(lambda a, i=i: a[i], caches) for i in range(len(self.blocks))]
-        x_BTD, new = apply_stack(self.blocks, x_BTD, positions_BT, segment_ids_BT, caches=per_layer, cache_index=cache_index)
+        x_BTD, new = apply_stack(
+            self.blocks, x_BTD, positions_BT, segment_ids_BT, caches=per_layer, cache_index=cache_index
+        )
         if new is not None:
             new = jax.tree.map(lambda *a: jnp.stack(a), *new)
         return x_BTD, new
@@ -194,10 +206,10 @@ class RecurrentDepthModel(nnx.Module):
 
     def readout_fn(self, positions_BT: jax.Array, segment_ids_BT: jax.Array | None):
         """(readout, params): pure ``readout(params, s_BTD) -> logits``: norm, coda, norm, tied head."""
-        graphdefs, params = zip(*(nnx.split(m) for m in (self.coda, self.final_norm, self.embed)))
+        graphdefs, params = zip(*(nnx.split(m) for m in (self.coda, self.final_norm, self.embed)), strict=True)
 
         def readout(params, s_BTD):
-            coda, norm, embed = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+            coda, norm, embed = (nnx.merge(g, p) for g, p in zip(graphdefs, params, strict=True))
             x_BTD, _ = apply_stack(coda, norm(s_BTD), positions_BT, segment_ids_BT)
             return embed.attend(norm(x_BTD))
 

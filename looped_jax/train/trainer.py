@@ -61,6 +61,14 @@ class Trainer:
         self.state_shardings = shd.named(self.mesh, self.state_specs)
         self.batch_sharding = NamedSharding(self.mesh, shd.batch_spec(self.mesh))
         self.logger = MetricsLogger(cfg.train.output_dir) if log else None
+        from looped_jax.data import vocab_size
+
+        data_vocab = vocab_size(cfg.data)
+        if cfg.model.vocab_size < data_vocab:
+            raise ValueError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of data "
+                f"{cfg.data.name!r} ({data_vocab} tokens); set --config.model.vocab_size={data_vocab}"
+            )
         dp = shd.data_parallel_size(self.mesh)
         if cfg.train.global_batch_size % dp:
             raise ValueError(
@@ -208,11 +216,11 @@ class Trainer:
                     rate = (done - last_step) / max(now - last_time, 1e-9)
                     last_time, last_step = now, done
                     self._log(done, dict(metrics, steps_per_s=rate, tokens_per_s=rate * tokens_per_step))
-                if ckpt is not None and ckpt.should_save(done) and done < cfg.train.num_steps:
+                if ckpt is not None and ckpt.should_save(done):
                     ckpt.save(done, state, config=config_dict, data_state=it.get_state())
                 if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.num_steps:
                     self._run_evals(state, done, eval_splits)
-            if ckpt is not None and int(state.step) > start:
+            if ckpt is not None and int(state.step) > start and ckpt.latest_step() != int(state.step):
                 ckpt.save(int(state.step), state, config=config_dict, data_state=it.get_state())
             history["eval"] = self._run_evals(state, int(state.step), eval_splits)
         if ckpt is not None:
