@@ -119,28 +119,43 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Ex
 
 
 def apply_overrides(cfg: Any, overrides: dict[str, str | Any]) -> Any:
-    """Returns ``cfg`` with dotted-path fields replaced; strings are parsed by the field's type."""
+    """Returns ``cfg`` with dotted-path fields replaced; strings are parsed by the field's type.
+
+    All overrides of one section are applied in a single ``dataclasses.replace``, so fields that
+    are validated together (``num_heads`` and ``num_kv_heads``) can be changed together.
+    """
+    tree: dict = {}
     for dotted, value in overrides.items():
-        cfg = _replace_path(cfg, dotted.split("."), value, dotted)
-    return cfg
+        node = tree
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"config field {dotted!r} conflicts with another override")
+        node[parts[-1]] = value
+    return _replace_fields(cfg, tree, prefix="")
 
 
-def _replace_path(obj: Any, parts: list[str], value: Any, full: str) -> Any:
+def _replace_fields(obj: Any, tree: dict, prefix: str) -> Any:
     if not dataclasses.is_dataclass(obj):
-        raise ValueError(f"config field {full!r}: {type(obj).__name__} has no sub-fields")
+        raise ValueError(f"config field {prefix.rstrip('.')!r}: {type(obj).__name__} has no sub-fields")
     names = [f.name for f in dataclasses.fields(obj)]
-    head = parts[0]
-    if head not in names:
-        close = difflib.get_close_matches(head, names, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown config field {full!r}: {type(obj).__name__} has fields {names}{hint}")
-    current = getattr(obj, head)
-    if len(parts) > 1:
-        return dataclasses.replace(obj, **{head: _replace_path(current, parts[1:], value, full)})
-    if head == "name" and current != value:
-        raise ValueError(f"config field {full!r} selects the family and cannot be overridden; use another config file")
-    hint = typing.get_type_hints(type(obj))[head]
-    return dataclasses.replace(obj, **{head: parse_value(value, hint, full)})
+    hints = typing.get_type_hints(type(obj))
+    changes = {}
+    for key, value in tree.items():
+        full = prefix + key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown config field {full!r}: {type(obj).__name__} has fields {names}{hint}")
+        current = getattr(obj, key)
+        if isinstance(value, dict):
+            changes[key] = _replace_fields(current, value, full + ".")
+            continue
+        if key == "name" and current != value:
+            raise ValueError(f"config field {full!r} selects the family and cannot be overridden; use another config file")
+        changes[key] = parse_value(value, hints[key], full)
+    return dataclasses.replace(obj, **changes)
 
 
 def parse_value(value: Any, hint: Any, field: str) -> Any:

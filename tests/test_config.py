@@ -76,3 +76,14 @@ def test_cli_parsing_and_diff():
     a = to_dict(_cfg())
     b = to_dict(apply_overrides(_cfg(), {"model.width": "5"}))
     assert diff_configs(a, b) == ["model.width: checkpoint has 4, config has 5"]
+
+
+def test_fields_validated_together_can_be_overridden_together():
+    from looped_jax.nn import BlockConfig
+
+    @dataclasses.dataclass(frozen=True)
+    class Holder:
+        block: BlockConfig = BlockConfig(num_heads=4, num_kv_heads=4)
+
+    out = apply_overrides(Holder(), {"block.num_heads": "2", "block.num_kv_heads": "2"})
+    assert out.block.num_heads == 2 and out.block.num_kv_heads == 2

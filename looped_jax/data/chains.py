@@ -44,8 +44,15 @@ def chains_vocab_size(num_vars: int) -> int:
     return VAR0 + num_vars
 
 
-def generate_problem(rng: np.random.Generator, *, num_vars: int, num_assignments: int, hops: int) -> np.ndarray:
-    """Samples one problem: int32 tokens [L] ending in the answer digit."""
+def generate_problem(
+    rng: np.random.Generator, *, num_vars: int, num_assignments: int, hops: int, order: str = "random"
+) -> np.ndarray:
+    """Samples one problem: int32 tokens [L] ending in the answer digit.
+
+    ``order="topological"`` interleaves the chains at random but keeps each chain in order
+    (v_1 = digit first), so every assignment comes after the ones it refers to and its value
+    is defined by the prefix: a causal model can be supervised on every assignment.
+    """
     if not 1 <= hops <= num_assignments <= num_vars:
         raise ValueError(f"need 1 <= hops ({hops}) <= num_assignments ({num_assignments}) <= num_vars ({num_vars})")
     var_ids = rng.permutation(num_vars)[:num_assignments] + VAR0
@@ -67,9 +74,22 @@ def generate_problem(rng: np.random.Generator, *, num_vars: int, num_assignments
             pairs.append((chain[k], chain[k - 1]))
     query_var = var_ids[hops - 1]
     answer = pairs[0][1]
-    order = rng.permutation(num_assignments)
+    if order == "random":
+        emit = rng.permutation(num_assignments)
+    elif order == "topological":
+        # Uniformly random interleaving of the chains, each kept in dependency order.
+        starts = np.cumsum([0] + lengths[:-1])
+        owner = np.repeat(np.arange(len(lengths)), lengths)
+        rng.shuffle(owner)
+        taken = np.zeros(len(lengths), np.int64)
+        emit = []
+        for c in owner:
+            emit.append(starts[c] + taken[c])
+            taken[c] += 1
+    else:
+        raise ValueError(f"order must be 'random' or 'topological', got {order!r}")
     tokens = [BOS]
-    for i in order:
+    for i in emit:
         tokens.extend([pairs[i][0], pairs[i][1], SEP])
     tokens.extend([QUERY, query_var, ANSWER, answer])
     return np.asarray(tokens, dtype=np.int32)
@@ -104,6 +124,19 @@ def solve(tokens: np.ndarray) -> tuple[int, int]:
     return value, hops
 
 
+def assignment_values(tokens: np.ndarray) -> np.ndarray:
+    """Resolved digit token of each assignment's LHS, in order of appearance: int32 [A]."""
+    body = np.asarray(tokens)[1:-4].reshape(-1, 3)
+    table = {int(lhs): int(rhs) for lhs, rhs, _ in body}
+    values = []
+    for lhs, _, _ in body:
+        value = table[int(lhs)]
+        while value >= VAR0:
+            value = table[value]
+        values.append(value)
+    return np.asarray(values, np.int32)
+
+
 def canonical_key(tokens: np.ndarray) -> bytes:
     """Order-independent identity of a problem: sorted assignments plus the query."""
     tokens_L = np.asarray(tokens)
@@ -124,6 +157,7 @@ class VariableChainsConfig(tfds.core.BuilderConfig):
     num_train: int = 20_000
     num_test: int = 500
     seed: int = 0
+    order: str = "random"
 
     @classmethod
     def from_data_config(cls, cfg: DataConfig) -> "VariableChainsConfig":
@@ -138,10 +172,12 @@ class VariableChainsConfig(tfds.core.BuilderConfig):
             num_test=cfg.num_test,
             seed=cfg.seed,
         )
+        if cfg.chains_order != "random":  # keeps the names of existing random-order builds
+            params["order"] = cfg.chains_order
         digest = hashlib.sha1(repr(sorted(params.items())).encode()).hexdigest()[:8]
         name = (
             f"v{cfg.num_vars}_a{cfg.num_assignments}_h{cfg.train_min_hops}-{cfg.train_max_hops}"
-            f"_n{cfg.num_train}_s{cfg.seed}_{digest}"
+            f"_n{cfg.num_train}_s{cfg.seed}{'_topo' if cfg.chains_order == 'topological' else ''}_{digest}"
         )
         return cls(name=name, **params)
 
@@ -181,7 +217,7 @@ class VariableChains(tfds.core.GeneratorBasedBuilder):
     def _problems(self, split: str):
         """Yields the token arrays of a split, deterministically from the seed."""
         c = self.builder_config
-        kw = dict(num_vars=c.num_vars, num_assignments=c.num_assignments)
+        kw = dict(num_vars=c.num_vars, num_assignments=c.num_assignments, order=c.order)
         if split == "train":
             rng = np.random.default_rng([c.seed, 0])
             for _ in range(c.num_train):

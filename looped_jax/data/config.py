@@ -38,6 +38,8 @@ class DataConfig:
     num_train: int = 20_000
     num_test: int = 500  # problems per test split
     seed: int = 0  # builder seed (data content), not the shuffle seed
+    chains_order: str = "random"  # "random" or "topological" (each assignment after those it uses)
+    chains_dense_labels: bool = False  # also supervise every assignment's value (needs topological)
     # Byte-level text (text.py).
     text_dir: str = ""  # empty -> the Python standard library sources
     max_text_bytes: int = 4_000_000  # cap on the corpus size read from disk
@@ -45,6 +47,10 @@ class DataConfig:
     text_shuffle_window: int = 1024  # pieces shuffled together after cutting documents
 
     def __post_init__(self) -> None:
+        if self.chains_order not in ("random", "topological"):
+            raise ValueError(f"data.chains_order must be 'random' or 'topological', got {self.chains_order!r}")
+        if self.chains_dense_labels and self.chains_order != "topological":
+            raise ValueError("data.chains_dense_labels=True needs data.chains_order='topological'")
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.type in ("tuple[int, ...]", tuple[int, ...]):

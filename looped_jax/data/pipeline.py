@@ -93,8 +93,13 @@ def _data_source(cfg: DataConfig, split: str):
     return builder.as_data_source(split=split)
 
 
-def _chains_row(example: dict[str, Any], seq_len: int) -> Batch:
-    """One problem -> one padded row; the loss is on the answer digit only."""
+def _chains_row(example: dict[str, Any], seq_len: int, dense_labels: bool = False) -> Batch:
+    """One problem -> one padded row; the loss is on the answer digit only.
+
+    With ``dense_labels`` (topological order) every assignment is supervised too: at each
+    assignment's SEP token the target is the resolved value of its LHS instead of the next
+    token, a sequence-labelling signal with hop depths 1..h inside every problem.
+    """
     tokens_L = np.asarray(example["tokens"], np.int32)
     row_S = np.zeros(seq_len + 1, np.int32)  # S = T + 1
     row_S[: len(tokens_L)] = tokens_L
@@ -105,6 +110,10 @@ def _chains_row(example: dict[str, Any], seq_len: int) -> Batch:
     answer_position = int(example["answer_position"])
     if answer_position > 0:
         weights_T[answer_position - 1] = 1.0
+        if dense_labels:
+            sep_positions = 3 + 3 * np.arange((answer_position - 4) // 3)
+            targets_T[sep_positions] = chains.assignment_values(tokens_L)
+            weights_T[sep_positions] = 1.0
     return {
         "inputs": inputs_T,
         "targets": targets_T,
@@ -182,7 +191,8 @@ def make_pipeline(
     source = _data_source(cfg, split)
     shard = slice(shard_index, None, shard_count)
     if cfg.name == "chains":
-        ds = _chains_dataset(cfg, source, global_batch_size, host_batch, seed, shuffle, num_epochs, shard)
+        dense = cfg.chains_dense_labels and split == "train"  # test splits score the query answer only
+        ds = _chains_dataset(cfg, source, global_batch_size, host_batch, seed, shuffle, num_epochs, shard, dense)
     else:
         ds = _text_dataset(cfg, source, host_batch, seed, shuffle, num_epochs, shard)
     return iter(ds)
@@ -197,6 +207,7 @@ def _chains_dataset(
     shuffle: bool,
     num_epochs: int | None,
     shard: slice,
+    dense_labels: bool = False,
 ) -> grain.IterDataset:
     """Problems -> padded rows; a finite pass is padded to whole global batches first."""
     seq_len = cfg.seq_len
@@ -215,7 +226,7 @@ def _chains_dataset(
         records = ds
         ds = grain.MapDataset.range(padded).map(lambda i: records[i] if i < total else empty)
     ds = ds[shard]
-    ds = ds.map(lambda example: _chains_row(example, seq_len))
+    ds = ds.map(lambda example: _chains_row(example, seq_len, dense_labels))
     ds = ds.batch(host_batch, drop_remainder=False)
     return ds.to_iter_dataset(_READ_OPTIONS)
 
