@@ -10,7 +10,14 @@ from looped_jax.models.looped import LoopedConfig
 
 
 def get_config() -> ExperimentConfig:
-    data = DataConfig(name="chains", seq_len=40, num_train=20_000, num_test=500)
+    data = DataConfig(
+        name="chains",
+        seq_len=40,
+        num_train=20_000,
+        num_test=500,
+        chains_order="topological",
+        chains_dense_labels=True,
+    )
     model = LoopedConfig(
         vocab_size=35,
         d_model=64,
@@ -28,7 +35,7 @@ def get_config() -> ExperimentConfig:
         data=data,
         optim=OptimConfig(learning_rate=3e-3, warmup_steps=100, weight_decay=0.1, end_learning_rate_ratio=0.05),
         train=TrainConfig(
-            num_steps=1500, global_batch_size=64, log_every=100, eval_batches=4, output_dir="runs/baseline_chains"
+            num_steps=1500, global_batch_size=32, log_every=100, eval_batches=4, output_dir="runs/baseline_chains"
         ),
         checkpoint=CheckpointConfig(save_every=500, keep=2),
     )

@@ -1,6 +1,7 @@
 """Tiny recurrent-depth model on the variable-chains task (the README's main job, CPU minutes).
 
-Trained on 1-4 hop problems with loop counts sampled around mean_loops; evaluated on 1-8 hops
+Trained on 1-4 hop problems (topological order, every assignment supervised) with loop counts
+sampled around mean_loops; evaluated on the query answer of 1-8 hop problems
 with 1..32 loops to show test-time depth scaling.
 """
 
@@ -10,7 +11,14 @@ from looped_jax.models.recurrent_depth import RecurrentDepthConfig
 
 
 def get_config() -> ExperimentConfig:
-    data = DataConfig(name="chains", seq_len=40, num_train=20_000, num_test=500)
+    data = DataConfig(
+        name="chains",
+        seq_len=40,
+        num_train=20_000,
+        num_test=500,
+        chains_order="topological",
+        chains_dense_labels=True,
+    )
     model = RecurrentDepthConfig(
         vocab_size=35,
         d_model=64,
@@ -21,10 +29,10 @@ def get_config() -> ExperimentConfig:
         num_prelude_layers=1,
         num_core_layers=1,
         num_coda_layers=1,
-        mean_loops=8,
-        grad_steps=8,
+        mean_loops=6,
+        grad_steps=4,
         max_train_loops=32,
-        eval_loops=8,
+        eval_loops=6,
         rope_theta=10_000.0,
     )
     return ExperimentConfig(
@@ -32,7 +40,11 @@ def get_config() -> ExperimentConfig:
         data=data,
         optim=OptimConfig(learning_rate=3e-3, warmup_steps=100, weight_decay=0.1, end_learning_rate_ratio=0.05),
         train=TrainConfig(
-            num_steps=1500, global_batch_size=64, log_every=100, eval_batches=4, output_dir="runs/recurrent_depth_chains"
+            num_steps=1500,
+            global_batch_size=32,
+            log_every=100,
+            eval_batches=4,
+            output_dir="runs/recurrent_depth_chains",
         ),
         checkpoint=CheckpointConfig(save_every=500, keep=2),
     )

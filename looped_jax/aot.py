@@ -49,7 +49,7 @@ def compile_train_step(cfg: ExperimentConfig, devices: list) -> dict:
     t2 = time.perf_counter()
     mem = compiled.memory_analysis()
     gib = 1024**3
-    per_chip = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+    per_chip = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     return {
         "devices": len(devices),
         "platform": devices[0].platform,

@@ -99,7 +99,8 @@ def check_config(saved: dict, current: dict, *, where: str) -> None:
         diffs += diff_configs(saved.get(section, {}), current.get(section, {}), prefix=f"{section}.")
     if diffs:
         raise CheckpointError(
-            f"checkpoint {where} was written with a different config:\n  " + "\n  ".join(diffs)
+            f"checkpoint {where} was written with a different config:\n  "
+            + "\n  ".join(diffs)
             + "\nuse a fresh train.output_dir, or the config the checkpoint was trained with"
         )
 

@@ -41,7 +41,12 @@ class OptimConfig:
         _check(self.learning_rate > 0, "optim.learning_rate", "> 0", self.learning_rate)
         _check(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0", self.warmup_steps)
         _check(self.decay_steps >= 0, "optim.decay_steps", ">= 0", self.decay_steps)
-        _check(0 <= self.end_learning_rate_ratio <= 1, "optim.end_learning_rate_ratio", "in [0, 1]", self.end_learning_rate_ratio)
+        _check(
+            0 <= self.end_learning_rate_ratio <= 1,
+            "optim.end_learning_rate_ratio",
+            "in [0, 1]",
+            self.end_learning_rate_ratio,
+        )
         _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1/b2", "in [0, 1)", (self.b1, self.b2))
         _check(self.grad_clip >= 0, "optim.grad_clip", ">= 0", self.grad_clip)
 
@@ -153,7 +158,9 @@ def _replace_fields(obj: Any, tree: dict, prefix: str) -> Any:
             changes[key] = _replace_fields(current, value, full + ".")
             continue
         if key == "name" and current != value:
-            raise ValueError(f"config field {full!r} selects the family and cannot be overridden; use another config file")
+            raise ValueError(
+                f"config field {full!r} selects the family and cannot be overridden; use another config file"
+            )
         changes[key] = parse_value(value, hints[key], full)
     return dataclasses.replace(obj, **changes)
 

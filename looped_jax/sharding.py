@@ -39,11 +39,12 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices")
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} does not divide {num_devices} devices")
         sizes[sizes.index(-1)] = num_devices // known
     if int(np.prod(sizes)) != num_devices:
         raise ValueError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices but {num_devices} are available"
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {int(np.prod(sizes))} devices "
+            f"but {num_devices} are available"
         )
     return tuple(sizes)
 
@@ -72,7 +73,7 @@ def logical_to_spec(
     table = dict(rules)
     used: set[str] = set()
     spec = []
-    for name, dim in zip(logical_axes, shape):
+    for name, dim in zip(logical_axes, shape, strict=True):
         axes = []
         size = 1
         for axis in table.get(name, ()) if name is not None else ():

@@ -32,7 +32,9 @@ def main(argv: list[str]) -> int:
         i += 1
     path, overrides = parse_cli_overrides(rest)
     if path is None:
-        print("usage: compile_tpu.py --config configs/<name>.py --topology v5e:16x16 [--config.x=v ...]", file=sys.stderr)
+        print(
+            "usage: compile_tpu.py --config configs/<name>.py --topology v5e:16x16 [--config.x=v ...]", file=sys.stderr
+        )
         return 2
     cfg = load_config(path, overrides)
     from looped_jax.aot import compile_train_step, topology_devices

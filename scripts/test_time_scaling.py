@@ -89,7 +89,9 @@ def format_table(results: dict) -> str:
     rows = [head, "|" + "---|" * (len(splits) + 1)]
     for i, n in enumerate(results["loops"]):
         mark = " (trained mean)" if n == rd["trained_mean_loops"] else ""
-        rows.append(f"| recurrent depth, {n}{mark} | " + " | ".join(f"{rd['accuracy'][s][i]:.3f}" for s in splits) + " |")
+        rows.append(
+            f"| recurrent depth, {n}{mark} | " + " | ".join(f"{rd['accuracy'][s][i]:.3f}" for s in splits) + " |"
+        )
     rows.append("| fixed-depth baseline | " + " | ".join(f"{base['accuracy'][s]:.3f}" for s in splits) + " |")
     return (
         f"Answer accuracy on variable chains (trained on 1-4 hops); recurrent depth {rd['params']:,} params, "

@@ -159,7 +159,5 @@ class Attention(nnx.Module):
             k_pos_BS, k_seg_BS = cache.positions_BS, cache.segment_ids_BS
         else:
             k_BSKH, v_BSKH, k_pos_BS, k_seg_BS = k_BTKH, v_BTKH, positions_BT, segment_ids_BT
-        mask = attention_mask(
-            positions_BT, k_pos_BS, segment_ids_BT, k_seg_BS, kind=self.mask_kind, window=self.window
-        )
+        mask = attention_mask(positions_BT, k_pos_BS, segment_ids_BT, k_seg_BS, kind=self.mask_kind, window=self.window)
         return self.output(self.attend(q_BTNH, k_BSKH, v_BSKH, mask)), cache

@@ -67,7 +67,9 @@ class Block(nnx.Module):
             dtype=dtype,
             rngs=rngs,
         )
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, init_std=init_std, out_init_std=out_init_std, dtype=dtype, rngs=rngs)
+        self.mlp = SwiGLU(
+            cfg.d_model, cfg.mlp_dim, init_std=init_std, out_init_std=out_init_std, dtype=dtype, rngs=rngs
+        )
         norm = lambda: RMSNorm(cfg.d_model, eps=cfg.norm_eps, use_scale=cfg.norm_scale)
         self.norm_attn_in = norm() if cfg.norm_style in ("pre", "sandwich") else None
         self.norm_attn_out = norm() if cfg.norm_style in ("sandwich", "post") else None

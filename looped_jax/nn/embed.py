@@ -38,5 +38,8 @@ class Unembed(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         return jnp.einsum(
-            "btd,dv->btv", x_BTD.astype(self.dtype), self.w_DV[...].astype(self.dtype), preferred_element_type=jnp.float32
+            "btd,dv->btv",
+            x_BTD.astype(self.dtype),
+            self.w_DV[...].astype(self.dtype),
+            preferred_element_type=jnp.float32,
         )

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from looped_jax import sharding as shd
-from looped_jax.checkpoint import Checkpointer, abstract_like
+from looped_jax.checkpoint import Checkpointer
 from looped_jax.config import ExperimentConfig, to_dict
 from looped_jax.models import build_model
 from looped_jax.train.losses import cross_entropy

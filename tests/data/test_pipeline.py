@@ -163,3 +163,47 @@ def test_missing_data_and_bad_split(tmp_path, chains_cfg):
         make_pipeline(DataConfig(data_dir=str(tmp_path)), split="train", global_batch_size=2, seed=0)
     with pytest.raises(ValueError, match="test_h2"):
         make_pipeline(chains_cfg, split="test_h5", global_batch_size=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def topo_cfg(tmp_path_factory):
+    cfg = DataConfig(
+        data_dir=str(tmp_path_factory.mktemp("tfds_topo")),
+        num_train=64,
+        num_test=16,
+        test_hops=(3,),
+        chains_order="topological",
+        chains_dense_labels=True,
+    )
+    prepare(cfg)
+    return cfg
+
+
+def test_topological_order_and_dense_labels(topo_cfg):
+    cfg = topo_cfg
+    batch = next(make_pipeline(cfg, split="train", global_batch_size=16, seed=0, shuffle=False))
+    length = chains.chains_problem_length(cfg.num_assignments)
+    for row in range(16):
+        problem = np.append(batch["inputs"][row, : length - 1], batch["targets"][row, length - 2])
+        answer, hops = chains.solve(problem)
+        assigned = set()
+        for i in range(cfg.num_assignments):  # every RHS variable was assigned on an earlier line
+            lhs, rhs = problem[1 + 3 * i], problem[2 + 3 * i]
+            assert rhs < chains.VAR0 or rhs in assigned
+            assigned.add(lhs)
+        seps = 3 + 3 * np.arange(cfg.num_assignments)
+        np.testing.assert_array_equal(batch["weights"][row, seps], 1.0)
+        np.testing.assert_array_equal(batch["targets"][row, seps], chains.assignment_values(problem))
+        t = length - 2  # the ANSWER input position is still supervised with the answer
+        assert batch["weights"][row, t] == 1.0 and batch["targets"][row, t] == answer
+        assert batch["weights"][row].sum() == cfg.num_assignments + 1
+    # Test splits score the query answer only.
+    test_batch = next(make_pipeline(cfg, split="test_h3", global_batch_size=16, seed=0, shuffle=False, num_epochs=1))
+    np.testing.assert_array_equal(test_batch["weights"].sum(1), 1.0)
+
+
+def test_dense_labels_need_topological_order():
+    with pytest.raises(ValueError, match="chains_dense_labels"):
+        DataConfig(chains_dense_labels=True)
+    with pytest.raises(ValueError, match="chains_order"):
+        DataConfig(chains_order="sorted")

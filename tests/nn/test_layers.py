@@ -64,7 +64,9 @@ def test_packed_segments_do_not_attend_across_documents():
 
 @pytest.mark.parametrize("norm_style", ["pre", "sandwich", "post"])
 def test_block_kv_cache_decoding_matches_full_pass(norm_style):
-    cfg = BlockConfig(d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, norm_style=norm_style, qk_bias=True)
+    cfg = BlockConfig(
+        d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, norm_style=norm_style, qk_bias=True
+    )
     block = Block(cfg, init_std=0.1, out_init_std=0.05, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(2), (2, 6, 32))
     pos = jnp.broadcast_to(jnp.arange(6), (2, 6))

@@ -48,13 +48,13 @@ def _rd_model(**kw):
     return RecurrentDepthConfig(**{**base, **kw})
 
 
-def _cfg(data_cfg, out, *, model=None, mesh=MeshConfig(), steps=6, save_every=3, batch=8):
+def _cfg(data_cfg, out, *, model=None, mesh=None, steps=6, save_every=3, batch=8):
     return ExperimentConfig(
         model=model or _rd_model(),
         data=data_cfg,
         optim=OptimConfig(learning_rate=3e-3, warmup_steps=2),
         train=TrainConfig(num_steps=steps, global_batch_size=batch, log_every=2, output_dir=str(out)),
-        mesh=mesh,
+        mesh=mesh or MeshConfig(),
         checkpoint=CheckpointConfig(save_every=save_every, keep=2, async_save=True),
     )
 
@@ -72,9 +72,7 @@ def test_resume_continues_exactly(data_cfg, tmp_path):
     resumed, _ = resumed_trainer.fit()
     assert int(resumed.step) == int(straight.step) == 6
     jax.tree.map(np.testing.assert_array_equal, _params(resumed), _params(straight))
-    jax.tree.map(
-        np.testing.assert_array_equal, jax.device_get(resumed.opt_state), jax.device_get(straight.opt_state)
-    )
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.opt_state), jax.device_get(straight.opt_state))
 
 
 def test_resume_refuses_a_different_model(data_cfg, tmp_path):
@@ -88,13 +86,22 @@ def test_resume_refuses_a_different_model(data_cfg, tmp_path):
 
 @pytest.mark.parametrize(
     "mesh_cfg",
-    [MeshConfig(data=8), MeshConfig(data=1, fsdp=8), MeshConfig(data=4, tensor=2), MeshConfig(data=2, fsdp=2, tensor=2)],
+    [
+        MeshConfig(data=8),
+        MeshConfig(data=1, fsdp=8),
+        MeshConfig(data=4, tensor=2),
+        MeshConfig(data=2, fsdp=2, tensor=2),
+    ],
     ids=["dp8", "fsdp8", "dp4_tp2", "dp2_fsdp2_tp2"],
 )
 @pytest.mark.parametrize("family", ["recurrent_depth", "looped"])
 def test_sharded_step_matches_single_device(data_cfg, tmp_path, mesh_cfg, family):
-    model = _rd_model() if family == "recurrent_depth" else LoopedConfig(
-        vocab_size=35, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, num_layers=2, num_loops=2
+    model = (
+        _rd_model()
+        if family == "recurrent_depth"
+        else LoopedConfig(
+            vocab_size=35, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, num_layers=2, num_loops=2
+        )
     )
     single_mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     single = Trainer(_cfg(data_cfg, tmp_path / "s", model=model, batch=8), mesh=single_mesh, log=False)
