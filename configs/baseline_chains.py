@@ -1,7 +1,7 @@
 """Fixed-depth transformer baseline for the chains task: same width and block design, no loop.
 
 Depth = prelude + core + coda of ``recurrent_depth_chains`` (3 unshared layers), so the
-parameter count matches (the recurrent model has one extra 2d -> d adapter).
+parameter counts match (the recurrent model has one extra 2d -> d adapter and its norms).
 """
 
 from looped_jax.config import CheckpointConfig, ExperimentConfig, OptimConfig, TrainConfig
@@ -12,14 +12,15 @@ from looped_jax.models.looped import LoopedConfig
 def get_config() -> ExperimentConfig:
     data = DataConfig(
         name="chains",
-        seq_len=40,
+        seq_len=16,
         num_train=20_000,
         num_test=500,
         chains_order="topological",
         chains_dense_labels=True,
+        chains_pair_tokens=True,
     )
     model = LoopedConfig(
-        vocab_size=35,
+        vocab_size=635,
         d_model=64,
         num_heads=4,
         num_kv_heads=4,
@@ -35,7 +36,7 @@ def get_config() -> ExperimentConfig:
         data=data,
         optim=OptimConfig(learning_rate=3e-3, warmup_steps=100, weight_decay=0.1, end_learning_rate_ratio=0.05),
         train=TrainConfig(
-            num_steps=1500, global_batch_size=32, log_every=100, eval_batches=4, output_dir="runs/baseline_chains"
+            num_steps=1500, global_batch_size=64, log_every=100, eval_batches=4, output_dir="runs/baseline_chains"
         ),
         checkpoint=CheckpointConfig(save_every=500, keep=2),
     )

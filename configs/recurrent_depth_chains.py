@@ -1,6 +1,7 @@
 """Tiny recurrent-depth model on the variable-chains task (the README's main job, CPU minutes).
 
-Trained on 1-4 hop problems (topological order, every assignment supervised) with loop counts
+Trained on 1-4 hop problems (topological order, one token per assignment, every assignment
+supervised) with loop counts
 sampled around mean_loops; evaluated on the query answer of 1-8 hop problems
 with 1..32 loops to show test-time depth scaling.
 """
@@ -13,14 +14,15 @@ from looped_jax.models.recurrent_depth import RecurrentDepthConfig
 def get_config() -> ExperimentConfig:
     data = DataConfig(
         name="chains",
-        seq_len=40,
+        seq_len=16,
         num_train=20_000,
         num_test=500,
         chains_order="topological",
         chains_dense_labels=True,
+        chains_pair_tokens=True,
     )
     model = RecurrentDepthConfig(
-        vocab_size=35,
+        vocab_size=635,
         d_model=64,
         num_heads=4,
         num_kv_heads=4,
@@ -41,7 +43,7 @@ def get_config() -> ExperimentConfig:
         optim=OptimConfig(learning_rate=3e-3, warmup_steps=100, weight_decay=0.1, end_learning_rate_ratio=0.05),
         train=TrainConfig(
             num_steps=1500,
-            global_batch_size=32,
+            global_batch_size=64,
             log_every=100,
             eval_batches=4,
             output_dir="runs/recurrent_depth_chains",

@@ -137,6 +137,28 @@ def assignment_values(tokens: np.ndarray) -> np.ndarray:
     return np.asarray(values, np.int32)
 
 
+def pair_vocab_size(num_vars: int) -> int:
+    """Vocabulary with one token per assignment (LHS, RHS): chains tokens + num_vars * (num_vars + 10)."""
+    return chains_vocab_size(num_vars) + num_vars * (num_vars + NUM_DIGITS)
+
+
+def to_pair_tokens(tokens: np.ndarray, num_vars: int) -> np.ndarray:
+    """Rewrites each ``LHS RHS SEP`` triple as a single assignment token.
+
+    ``BOS (LHS RHS SEP) x A QUERY v ANSWER digit`` becomes ``BOS P_1 .. P_A QUERY v ANSWER digit``
+    with P = VAR0 + num_vars + lhs_index * (num_vars + 10) + rhs_code (rhs_code: digit d -> d,
+    variable j -> 10 + j). A lookup then matches one token's RHS against another token's LHS
+    directly, without first gathering the two halves of an assignment from neighbouring
+    positions.
+    """
+    tokens = np.asarray(tokens, np.int32)
+    triples = tokens[1:-4].reshape(-1, 3)
+    lhs, rhs = triples[:, 0] - VAR0, triples[:, 1]
+    rhs_code = np.where(rhs >= VAR0, NUM_DIGITS + rhs - VAR0, rhs - DIGIT0)
+    pairs = chains_vocab_size(num_vars) + lhs * (num_vars + NUM_DIGITS) + rhs_code
+    return np.concatenate([tokens[:1], pairs, tokens[-4:]]).astype(np.int32)
+
+
 def canonical_key(tokens: np.ndarray) -> bytes:
     """Order-independent identity of a problem: sorted assignments plus the query."""
     tokens_L = np.asarray(tokens)

@@ -40,6 +40,7 @@ class DataConfig:
     seed: int = 0  # builder seed (data content), not the shuffle seed
     chains_order: str = "random"  # "random" or "topological" (each assignment after those it uses)
     chains_dense_labels: bool = False  # also supervise every assignment's value (needs topological)
+    chains_pair_tokens: bool = False  # one token per assignment (LHS, RHS) instead of LHS RHS SEP
     # Byte-level text (text.py).
     text_dir: str = ""  # empty -> the Python standard library sources
     max_text_bytes: int = 4_000_000  # cap on the corpus size read from disk
@@ -111,6 +112,8 @@ class DataConfig:
             raise ValueError(f"data.validation_fraction must be in (0, 1), got {self.validation_fraction}")
         if self.name == "chains":
             min_len = chains_min_seq_len(self.num_assignments)
+            if self.chains_pair_tokens:
+                min_len = self.num_assignments + 4
             if self.seq_len < min_len:
                 raise ValueError(
                     f"data.seq_len must be >= {min_len} for chains with "

@@ -77,6 +77,8 @@ def prepare(cfg: DataConfig) -> None:
 def vocab_size(cfg: DataConfig) -> int:
     """Vocabulary size of the data set's token ids."""
     if cfg.name == "chains":
+        if cfg.chains_pair_tokens:
+            return chains.pair_vocab_size(cfg.num_vars)
         return chains.chains_vocab_size(cfg.num_vars)
     return tokenizer.BYTE_VOCAB_SIZE
 
@@ -93,27 +95,53 @@ def _data_source(cfg: DataConfig, split: str):
     return builder.as_data_source(split=split)
 
 
-def _chains_row(example: dict[str, Any], seq_len: int, dense_labels: bool = False) -> Batch:
+def _chains_row(
+    example: dict[str, Any],
+    seq_len: int,
+    dense_labels: bool = False,
+    pair_tokens_vars: int = 0,
+    score_query_line: bool = False,
+) -> Batch:
     """One problem -> one padded row; the loss is on the answer digit only.
 
     With ``dense_labels`` (topological order) every assignment is supervised too: at each
-    assignment's SEP token the target is the resolved value of its LHS instead of the next
-    token, a sequence-labelling signal with hop depths 1..h inside every problem.
+    assignment's last token (SEP, or its pair token) the target is the resolved value of its
+    LHS instead of the next token, a sequence-labelling signal with hop depths 1..h inside
+    every problem. ``pair_tokens_vars > 0`` rewrites assignments as single tokens
+    (``chains.to_pair_tokens`` with that many variables). ``score_query_line`` (evaluation of
+    dense-label models) puts the only weight on the assignment of the queried variable, whose
+    label is the h-hop answer, instead of on the final answer token.
     """
     tokens_L = np.asarray(example["tokens"], np.int32)
+    real = example["answer_position"] > 0
+    values = chains.assignment_values(tokens_L) if (dense_labels or score_query_line) and real else None
+    query_line = int(np.flatnonzero(tokens_L[1:-4:3] == tokens_L[-3])[0]) if score_query_line and real else -1
+    stride = 3
+    if pair_tokens_vars:
+        stride = 1
+        if example["answer_position"] > 0:
+            tokens_L = chains.to_pair_tokens(tokens_L, pair_tokens_vars)
+        else:  # an all-PAD filler row
+            tokens_L = tokens_L[: len(tokens_L) - 2 * ((len(tokens_L) - 5) // 3)]
+    num_assignments = (len(tokens_L) - 5) // stride
     row_S = np.zeros(seq_len + 1, np.int32)  # S = T + 1
     row_S[: len(tokens_L)] = tokens_L
     inputs_T, targets_T = row_S[:-1], row_S[1:].copy()
     segment_ids_T = (inputs_T != chains.PAD).astype(np.int32)
     targets_T *= segment_ids_T
     weights_T = np.zeros(seq_len, np.float32)
-    answer_position = int(example["answer_position"])
+    answer_position = len(tokens_L) - 1 if int(example["answer_position"]) > 0 else 0
     if answer_position > 0:
-        weights_T[answer_position - 1] = 1.0
-        if dense_labels:
-            sep_positions = 3 + 3 * np.arange((answer_position - 4) // 3)
-            targets_T[sep_positions] = chains.assignment_values(tokens_L)
-            weights_T[sep_positions] = 1.0
+        last_positions = stride + stride * np.arange(num_assignments)
+        if score_query_line:
+            pos = last_positions[query_line]
+            targets_T[pos] = values[query_line]
+            weights_T[pos] = 1.0
+        else:
+            weights_T[answer_position - 1] = 1.0
+            if values is not None:
+                targets_T[last_positions] = values
+                weights_T[last_positions] = 1.0
     return {
         "inputs": inputs_T,
         "targets": targets_T,
@@ -191,8 +219,7 @@ def make_pipeline(
     source = _data_source(cfg, split)
     shard = slice(shard_index, None, shard_count)
     if cfg.name == "chains":
-        dense = cfg.chains_dense_labels and split == "train"  # test splits score the query answer only
-        ds = _chains_dataset(cfg, source, global_batch_size, host_batch, seed, shuffle, num_epochs, shard, dense)
+        ds = _chains_dataset(cfg, source, global_batch_size, host_batch, seed, shuffle, num_epochs, shard, split)
     else:
         ds = _text_dataset(cfg, source, host_batch, seed, shuffle, num_epochs, shard)
     return iter(ds)
@@ -207,7 +234,7 @@ def _chains_dataset(
     shuffle: bool,
     num_epochs: int | None,
     shard: slice,
-    dense_labels: bool = False,
+    split: str,
 ) -> grain.IterDataset:
     """Problems -> padded rows; a finite pass is padded to whole global batches first."""
     seq_len = cfg.seq_len
@@ -226,7 +253,12 @@ def _chains_dataset(
         records = ds
         ds = grain.MapDataset.range(padded).map(lambda i: records[i] if i < total else empty)
     ds = ds[shard]
-    ds = ds.map(lambda example: _chains_row(example, seq_len, dense_labels))
+    pair_vars = cfg.num_vars if cfg.chains_pair_tokens else 0
+    # Dense labels train on every assignment; their test splits score the queried variable's
+    # own assignment (its label needs exactly h lookups), one weight per problem.
+    dense = cfg.chains_dense_labels and split == "train"
+    score_query_line = cfg.chains_dense_labels and split != "train"
+    ds = ds.map(lambda example: _chains_row(example, seq_len, dense, pair_vars, score_query_line))
     ds = ds.batch(host_batch, drop_remainder=False)
     return ds.to_iter_dataset(_READ_OPTIONS)
 

@@ -187,11 +187,10 @@ def _unroll_traced(
     has_prefix = n_nograd > 0
     start = jax.tree.map(lambda a, b: jnp.where(has_prefix, a, b), c_nograd, carry)
 
-    # Phase 2: static-length scan; iterations i >= n_grad keep the carry.
+    # Phase 2: static-length scan; iterations i >= n_grad keep the carry. A cond (not a
+    # compute-then-select) skips the step's work, forward and backward, when r < grad_steps.
     def grad_body(c, i):
-        new = apply(params, c, inputs)
-        active = i < n_grad
-        c = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, c)
+        c = jax.lax.cond(i < n_grad, lambda c: apply(params, c, inputs), lambda c: c, c)
         return c, (None if record_fn is None else record_fn(c))
 
     carry_out, ys = jax.lax.scan(grad_body, start, jnp.arange(grad_steps, dtype=jnp.int32))

@@ -197,9 +197,38 @@ def test_topological_order_and_dense_labels(topo_cfg):
         t = length - 2  # the ANSWER input position is still supervised with the answer
         assert batch["weights"][row, t] == 1.0 and batch["targets"][row, t] == answer
         assert batch["weights"][row].sum() == cfg.num_assignments + 1
-    # Test splits score the query answer only.
+    # Test splits score one label per problem: the queried variable's own assignment, whose
+    # value is the h-hop answer.
     test_batch = next(make_pipeline(cfg, split="test_h3", global_batch_size=16, seed=0, shuffle=False, num_epochs=1))
     np.testing.assert_array_equal(test_batch["weights"].sum(1), 1.0)
+    for row in range(16):
+        problem = np.append(test_batch["inputs"][row, : length - 1], test_batch["targets"][row, length - 2])
+        answer, hops = chains.solve(problem)
+        t = int(np.argmax(test_batch["weights"][row]))
+        assert hops == 3 and test_batch["targets"][row, t] == answer
+        assert t % 3 == 0 and problem[t - 2] == problem[-3]  # the SEP of the queried variable's line
+
+
+def test_pair_tokens(topo_cfg):
+    import dataclasses
+
+    cfg = dataclasses.replace(topo_cfg, chains_pair_tokens=True, seq_len=16)
+    assert vocab_size(cfg) == chains.pair_vocab_size(cfg.num_vars)
+    plain = next(make_pipeline(topo_cfg, split="train", global_batch_size=8, seed=0, shuffle=False))
+    pairs = next(make_pipeline(cfg, split="train", global_batch_size=8, seed=0, shuffle=False))
+    a = cfg.num_assignments
+    for row in range(8):
+        # Same problems, same labels: the plain row's SEP labels sit on the pair tokens.
+        np.testing.assert_array_equal(pairs["targets"][row, 1 : a + 1], plain["targets"][row, 3 : 3 * a + 1 : 3])
+        np.testing.assert_array_equal(pairs["weights"][row, 1 : a + 1], 1.0)
+        assert pairs["inputs"][row, a + 1] == chains.QUERY
+        assert pairs["inputs"][row, 1 : a + 1].min() >= chains.chains_vocab_size(cfg.num_vars)
+    assert pairs["inputs"].max() < vocab_size(cfg)
+    test = next(make_pipeline(cfg, split="test_h3", global_batch_size=8, seed=0, shuffle=False, num_epochs=1))
+    np.testing.assert_array_equal(test["weights"].sum(1), 1.0)
+    assert (np.argmax(test["weights"], 1) <= a).all()
+    with pytest.raises(ValueError, match="seq_len must be >= 14"):
+        dataclasses.replace(cfg, seq_len=13)
 
 
 def test_dense_labels_need_topological_order():
