@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _check(ok: bool, field: str, expected: str, got: Any) -> None:
+def check_field(ok: bool, field: str, expected: str, got: Any) -> None:
+    """Raises a ValueError naming the config ``field`` and what it expected, unless ``ok``."""
     if not ok:
         raise ValueError(f"config field {field} must be {expected}, got {got!r}")
 
@@ -38,17 +39,17 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 disables clipping
 
     def __post_init__(self):
-        _check(self.learning_rate > 0, "optim.learning_rate", "> 0", self.learning_rate)
-        _check(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0", self.warmup_steps)
-        _check(self.decay_steps >= 0, "optim.decay_steps", ">= 0", self.decay_steps)
-        _check(
+        check_field(self.learning_rate > 0, "optim.learning_rate", "> 0", self.learning_rate)
+        check_field(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0", self.warmup_steps)
+        check_field(self.decay_steps >= 0, "optim.decay_steps", ">= 0", self.decay_steps)
+        check_field(
             0 <= self.end_learning_rate_ratio <= 1,
             "optim.end_learning_rate_ratio",
             "in [0, 1]",
             self.end_learning_rate_ratio,
         )
-        _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1/b2", "in [0, 1)", (self.b1, self.b2))
-        _check(self.grad_clip >= 0, "optim.grad_clip", ">= 0", self.grad_clip)
+        check_field(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1/b2", "in [0, 1)", (self.b1, self.b2))
+        check_field(self.grad_clip >= 0, "optim.grad_clip", ">= 0", self.grad_clip)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +63,10 @@ class TrainConfig:
     output_dir: str = "runs/default"
 
     def __post_init__(self):
-        _check(self.num_steps >= 1, "train.num_steps", ">= 1", self.num_steps)
-        _check(self.global_batch_size >= 1, "train.global_batch_size", ">= 1", self.global_batch_size)
-        _check(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
-        _check(self.eval_every >= 0, "train.eval_every", ">= 0", self.eval_every)
+        check_field(self.num_steps >= 1, "train.num_steps", ">= 1", self.num_steps)
+        check_field(self.global_batch_size >= 1, "train.global_batch_size", ">= 1", self.global_batch_size)
+        check_field(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
+        check_field(self.eval_every >= 0, "train.eval_every", ">= 0", self.eval_every)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +79,8 @@ class MeshConfig:
 
     def __post_init__(self):
         sizes = (self.data, self.fsdp, self.tensor)
-        _check(sum(s == -1 for s in sizes) <= 1, "mesh", "at most one axis set to -1", sizes)
-        _check(all(s == -1 or s >= 1 for s in sizes), "mesh", "sizes >= 1 or -1", sizes)
+        check_field(sum(s == -1 for s in sizes) <= 1, "mesh", "at most one axis set to -1", sizes)
+        check_field(all(s == -1 or s >= 1 for s in sizes), "mesh", "sizes >= 1 or -1", sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +92,8 @@ class CheckpointConfig:
     enabled: bool = True
 
     def __post_init__(self):
-        _check(self.save_every >= 0, "checkpoint.save_every", ">= 0", self.save_every)
-        _check(self.keep >= 1, "checkpoint.keep", ">= 1", self.keep)
+        check_field(self.save_every >= 0, "checkpoint.save_every", ">= 0", self.save_every)
+        check_field(self.keep >= 1, "checkpoint.keep", ">= 1", self.keep)
 
 
 @dataclasses.dataclass(frozen=True)

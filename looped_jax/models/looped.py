@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from looped_jax.config import check_field
 from looped_jax.nn import Block, BlockConfig, Embed, KVCache, RMSNorm, Unembed, resolve_dtype, takase_std
 from looped_jax.recurrence import REMAT_POLICIES, resolve_remat_policy, unroll
 from looped_jax.recurrence.unroll import is_static_int
@@ -28,8 +29,7 @@ from looped_jax.train.losses import cross_entropy
 
 
 def _check(ok: bool, field: str, expected: str, got) -> None:
-    if not ok:
-        raise ValueError(f"config field model.{field} must be {expected}, got {got!r}")
+    check_field(ok, f"model.{field}", expected, got)
 
 
 @dataclasses.dataclass(frozen=True)

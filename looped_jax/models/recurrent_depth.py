@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from looped_jax.config import check_field
 from looped_jax.nn import (
     Block,
     BlockConfig,
@@ -41,8 +42,7 @@ STATE_INIT_STD = math.sqrt(2.0 / 5.0)
 
 
 def _check(ok: bool, field: str, expected: str, got) -> None:
-    if not ok:
-        raise ValueError(f"config field model.{field} must be {expected}, got {got!r}")
+    check_field(ok, f"model.{field}", expected, got)
 
 
 @dataclasses.dataclass(frozen=True)
