@@ -37,6 +37,7 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
+    ema_decay: float = 0.0  # > 0 keeps an EMA of the weights, used for evaluation (TRM uses 0.999)
 
     def __post_init__(self):
         check_field(self.learning_rate > 0, "optim.learning_rate", "> 0", self.learning_rate)
@@ -50,6 +51,7 @@ class OptimConfig:
         )
         check_field(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1/b2", "in [0, 1)", (self.b1, self.b2))
         check_field(self.grad_clip >= 0, "optim.grad_clip", ">= 0", self.grad_clip)
+        check_field(0 <= self.ema_decay < 1, "optim.ema_decay", "in [0, 1)", self.ema_decay)
 
 
 @dataclasses.dataclass(frozen=True)

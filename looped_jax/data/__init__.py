@@ -2,7 +2,17 @@
 
 from looped_jax.data.chains import VariableChains, VariableChainsConfig, chains_vocab_size, generate_problem, solve
 from looped_jax.data.config import DATASET_NAMES, DataConfig, chains_min_seq_len, chains_problem_length
-from looped_jax.data.pipeline import get_builder, make_eval_batches, make_pipeline, prepare, split_names, vocab_size
+from looped_jax.data.pipeline import (
+    DatasetSpec,
+    dataset_spec,
+    get_builder,
+    make_eval_batches,
+    make_pipeline,
+    prepare,
+    register_dataset,
+    split_names,
+    vocab_size,
+)
 from looped_jax.data.text import ByteText, ByteTextConfig
 from looped_jax.data.tokenizer import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, decode_bytes, decode_text, encode_bytes
 
@@ -15,11 +25,13 @@ __all__ = [
     "ByteText",
     "ByteTextConfig",
     "DataConfig",
+    "DatasetSpec",
     "VariableChains",
     "VariableChainsConfig",
     "chains_min_seq_len",
     "chains_problem_length",
     "chains_vocab_size",
+    "dataset_spec",
     "decode_bytes",
     "decode_text",
     "encode_bytes",
@@ -28,6 +40,7 @@ __all__ = [
     "make_eval_batches",
     "make_pipeline",
     "prepare",
+    "register_dataset",
     "solve",
     "split_names",
     "vocab_size",

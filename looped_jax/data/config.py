@@ -9,7 +9,7 @@ tuple[int, ...]) so generic command-line overrides can set it by name.
 import dataclasses
 import os
 
-DATASET_NAMES = ("chains", "bytes_text")
+DATASET_NAMES = ("chains", "bytes_text", "passkey", "niah", "assoc_recall", "sudoku", "maze", "arc")
 
 
 def chains_problem_length(num_assignments: int) -> int:

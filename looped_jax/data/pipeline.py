@@ -24,7 +24,10 @@ differ (cap evaluation steps across hosts). The last partial batch of a finite p
 is always padded (weights 0), never dropped. Iterators support get_state/set_state.
 """
 
+import dataclasses
+import importlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -45,6 +48,51 @@ Batch = dict[str, np.ndarray]
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=128)
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """How the pipeline reads one data set of fixed-length records (puzzles, retrieval tasks ...).
+
+    builder(cfg, **tfds_kwargs) -> the TFDS builder; splits(cfg) -> split names (known without
+    building); vocab_size(cfg) -> token vocabulary size; row(cfg, example, split) -> one batch row:
+    a dict of fixed-shape numpy arrays holding at least the BATCH fields of the module docstring
+    (extra fields, e.g. ``puzzle_ids``, are passed through). Padding rows are all zeros (weight 0).
+    """
+
+    builder: Callable[..., tfds.core.DatasetBuilder]
+    splits: Callable[[DataConfig], tuple[str, ...]]
+    vocab_size: Callable[[DataConfig], int]
+    row: Callable[[DataConfig, dict[str, Any], str], Batch]
+
+
+# Data sets that live in their own module register a DatasetSpec there with `register_dataset`;
+# the pipeline imports the module on first use of the name.
+_DATASET_MODULES: dict[str, str] = {
+    "passkey": "looped_jax.data.passkey",
+    "niah": "looped_jax.data.niah",
+    "assoc_recall": "looped_jax.data.niah",
+    "sudoku": "looped_jax.data.sudoku",
+    "maze": "looped_jax.data.maze",
+    "arc": "looped_jax.data.arc",
+}
+_REGISTRY: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(name: str, spec: DatasetSpec) -> None:
+    """Makes data set `name` (listed in config.DATASET_NAMES) readable by the pipeline."""
+    _REGISTRY[name] = spec
+
+
+def dataset_spec(name: str) -> DatasetSpec | None:
+    """The registered spec of `name`, or None for the built-in chains / bytes_text pipelines."""
+    if name in ("chains", "bytes_text"):
+        return None
+    if name not in _REGISTRY and name in _DATASET_MODULES:
+        importlib.import_module(_DATASET_MODULES[name])
+    if name not in _REGISTRY:
+        raise ValueError(f"data.name={name!r} has no registered pipeline; known: {sorted(_DATASET_MODULES)}")
+    return _REGISTRY[name]
+
+
 def get_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
     """The TFDS builder for `cfg` (array_record files under cfg.data_dir)."""
     kwargs = dict(data_dir=cfg.resolved_data_dir, file_format="array_record")
@@ -52,14 +100,16 @@ def get_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
         return chains.VariableChains(config=chains.VariableChainsConfig.from_data_config(cfg), **kwargs)
     if cfg.name == "bytes_text":
         return text.ByteText(config=text.ByteTextConfig.from_data_config(cfg), **kwargs)
-    raise ValueError(f"data.name must be one of ('chains', 'bytes_text'), got {cfg.name!r}")
+    return dataset_spec(cfg.name).builder(cfg, **kwargs)
 
 
 def split_names(cfg: DataConfig) -> tuple[str, ...]:
     """Names of the splits `cfg` builds (known without building)."""
     if cfg.name == "chains":
         return ("train",) + tuple(f"test_h{h}" for h in cfg.test_hops)
-    return ("train", "validation")
+    if cfg.name == "bytes_text":
+        return ("train", "validation")
+    return tuple(dataset_spec(cfg.name).splits(cfg))
 
 
 def prepare(cfg: DataConfig) -> None:
@@ -80,7 +130,9 @@ def vocab_size(cfg: DataConfig) -> int:
         if cfg.chains_pair_tokens:
             return chains.pair_vocab_size(cfg.num_vars)
         return chains.chains_vocab_size(cfg.num_vars)
-    return tokenizer.BYTE_VOCAB_SIZE
+    if cfg.name == "bytes_text":
+        return tokenizer.BYTE_VOCAB_SIZE
+    return int(dataset_spec(cfg.name).vocab_size(cfg))
 
 
 def _data_source(cfg: DataConfig, split: str):
@@ -220,9 +272,42 @@ def make_pipeline(
     shard = slice(shard_index, None, shard_count)
     if cfg.name == "chains":
         ds = _chains_dataset(cfg, source, global_batch_size, host_batch, seed, shuffle, num_epochs, shard, split)
-    else:
+    elif cfg.name == "bytes_text":
         ds = _text_dataset(cfg, source, host_batch, seed, shuffle, num_epochs, shard)
+    else:
+        spec = dataset_spec(cfg.name)
+        ds = _fixed_rows_dataset(
+            cfg, spec, source, global_batch_size, host_batch, seed, shuffle, num_epochs, shard, split
+        )
     return iter(ds)
+
+
+def _fixed_rows_dataset(
+    cfg: DataConfig,
+    spec: DatasetSpec,
+    source: Any,
+    global_batch: int,
+    host_batch: int,
+    seed: int,
+    shuffle: bool,
+    num_epochs: int | None,
+    shard: slice,
+    split: str,
+) -> grain.IterDataset:
+    """Records -> rows by spec.row; a finite pass is padded to whole global batches of zero rows."""
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs).map(lambda example: spec.row(cfg, example, split))
+    if num_epochs is not None:
+        total = len(ds)
+        padded = math.ceil(total / global_batch) * global_batch
+        if padded > total:
+            empty = {k: np.zeros_like(v) for k, v in ds[0].items()}
+            rows = ds
+            ds = grain.MapDataset.range(padded).map(lambda i: rows[i] if i < total else empty)
+    ds = ds[shard].batch(host_batch, drop_remainder=False)
+    return ds.to_iter_dataset(_READ_OPTIONS)
 
 
 def _chains_dataset(

@@ -3,6 +3,13 @@ with resumable state, periodic evaluation, metrics and orbax checkpoints.
 
 Every family goes through this code: a model only has to provide ``loss(batch, rng, train)``
 and ``__call__(inputs, positions_BT, segment_ids_BT, num_loops)`` (see ``looped_jax.models``).
+
+Stateful training (HRM/TRM deep supervision, FAM state passing): a model that defines
+``initial_carry(batch_size) -> pytree`` (arrays with a leading batch axis, static shapes) gets a
+persistent carry kept in ``TrainState.carry`` (sharded over the batch like the data, checkpointed
+with the state); its loss is then called as ``loss(batch, rng=, train=True, carry=carry)`` and must
+return ``(loss, (metrics, new_carry))``. With ``optim.ema_decay > 0`` the state also holds an EMA
+of the parameters, which evaluation uses.
 """
 
 from __future__ import annotations
@@ -33,6 +40,13 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: number of optimizer steps taken
     params: Any  # pure nested dict of float32 arrays
     opt_state: Any
+    carry: Any = None  # the model's persistent per-row training carry (see module docstring)
+    ema_params: Any = None  # EMA of params when optim.ema_decay > 0
+
+    @property
+    def eval_params(self):
+        """The weights evaluation and export use: the EMA when one is kept."""
+        return self.params if self.ema_params is None else self.ema_params
 
 
 class Trainer:
@@ -57,9 +71,18 @@ class Trainer:
             transform_non_params=lambda _: PartitionSpec(),
             is_leaf=lambda x: isinstance(x, PartitionSpec),
         )
-        self.state_specs = TrainState(PartitionSpec(), param_specs, opt_specs)
+        self.stateful = callable(getattr(abstract_model, "initial_carry", None))
+        carry_specs = None
+        if self.stateful:
+            abstract_carry = jax.eval_shape(lambda: abstract_model.initial_carry(cfg.train.global_batch_size))
+            carry_specs = jax.tree.map(
+                lambda x: shd.batch_spec(self.mesh, x.ndim) if x.ndim else PartitionSpec(), abstract_carry
+            )
+        ema_specs = param_specs if cfg.optim.ema_decay > 0 else None
+        self.state_specs = TrainState(PartitionSpec(), param_specs, opt_specs, carry_specs, ema_specs)
         self.state_shardings = shd.named(self.mesh, self.state_specs)
-        self.batch_sharding = NamedSharding(self.mesh, shd.batch_spec(self.mesh))
+        # Leading (batch) axis split over data x fsdp; valid for batch fields of any rank.
+        self.batch_sharding = NamedSharding(self.mesh, shd.batch_spec(self.mesh, 1))
         self.logger = MetricsLogger(cfg.train.output_dir) if log else None
         from looped_jax.data import vocab_size
 
@@ -91,19 +114,29 @@ class Trainer:
     def _init(self) -> TrainState:
         model = build_model(self.cfg.model, rngs=nnx.Rngs(self.cfg.train.seed))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+        carry = model.initial_carry(self.cfg.train.global_batch_size) if self.stateful else None
+        ema = jax.tree.map(jnp.copy, params) if self.cfg.optim.ema_decay > 0 else None
+        return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), carry, ema)
 
     def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(self.base_key, state.step)
 
         def loss_fn(params):
-            return self.model(params).loss(batch, rng=rng, train=True)
+            model = self.model(params)
+            if self.stateful:
+                return model.loss(batch, rng=rng, train=True, carry=state.carry)
+            loss, metrics = model.loss(batch, rng=rng, train=True)
+            return loss, (metrics, None)
 
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (_, (metrics, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            decay = self.cfg.optim.ema_decay
+            ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads), learning_rate=self.schedule(state.step))
-        return TrainState(state.step + 1, params, opt_state), metrics
+        return TrainState(state.step + 1, params, opt_state, carry, ema), metrics
 
     def _eval_step(self, params, batch: dict, num_loops) -> dict:
         model = self.model(params)
@@ -133,10 +166,16 @@ class Trainer:
         )
 
     def global_batch(self, batch: dict) -> dict:
-        """Lays this host's slice of the batch out on the mesh as global arrays."""
-        return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(batch[k])) for k in BATCH_KEYS
-        }
+        """Lays this host's slice of the batch out on the mesh as global arrays (every field of it)."""
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"batch is missing fields {missing}; every batch needs {list(BATCH_KEYS)}")
+        out = {}
+        for k, v in batch.items():
+            v = np.asarray(v)
+            sharding = NamedSharding(self.mesh, shd.batch_spec(self.mesh, v.ndim))
+            out[k] = jax.make_array_from_process_local_data(sharding, v)
+        return out
 
     def make_train_iterator(self):
         from looped_jax.data import make_pipeline
@@ -231,7 +270,7 @@ class Trainer:
     def _run_evals(self, state: TrainState, step: int, splits: tuple[str, ...]) -> dict:
         results = {}
         for split in splits:
-            results[split] = self.evaluate(state.params, split, num_batches=self.cfg.train.eval_batches)
+            results[split] = self.evaluate(state.eval_params, split, num_batches=self.cfg.train.eval_batches)
             self._log(step, results[split], prefix=f"eval/{split}")
         return results
 

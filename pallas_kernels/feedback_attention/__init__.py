@@ -1,0 +1,6 @@
+"""TransformerFAM feedback attention (block sliding window + feedback memory): reference and Pallas kernels."""
+
+from pallas_kernels.feedback_attention.ops import feedback_attention, feedback_attention_sharded
+from pallas_kernels.feedback_attention.reference import feedback_attention_reference, num_blocks
+
+__all__ = ["feedback_attention", "feedback_attention_sharded", "feedback_attention_reference", "num_blocks"]

@@ -1,0 +1,120 @@
+"""Benchmark the Titans memory update: Pallas kernel vs chunked XLA vs token-by-token scan; prints JSON lines.
+
+    python scripts/bench_memory_update.py [--lengths 1024,4096,16384,65536] [--memory linear|mlp] [--grad]
+
+One line per (implementation, length): forward time (median of --repeats after a warmup run), compile time and
+tokens/s; with --grad also forward+backward. Implementations: "kernel" (ops impl="pallas", only on TPU/GPU),
+"chunked" (ops impl="xla") and "scan" (reference.memory_update_reference: the same chunk-start-gradient recurrence
+written token by token; skipped above --max-scan-length). The last line compares chunked and scan outputs.
+On CPU the default lengths are short so the run ends in about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels.memory_update import MemoryState, memory_update, memory_update_reference  # noqa: E402
+
+
+def make_inputs(B, H, T, K, V, memory, hidden, seed=0):
+    rng = np.random.default_rng(seed)
+    normal = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32))
+    sig = lambda x: 1.0 / (1.0 + jnp.exp(-x))
+    q, k, v = normal(B, H, T, K), normal(B, H, T, K) / np.sqrt(K), normal(B, H, T, V)
+    alpha, eta = 0.01 * sig(normal(B, H, T)), 0.9 * sig(normal(B, H, T) + 2)
+    theta = 1e-3 * sig(normal(B, H, T))
+    dims = [K, V] if memory == "linear" else [K, hidden, V]
+    ws = tuple(normal(B, H, a, b) / np.sqrt(a) for a, b in zip(dims[:-1], dims[1:], strict=True))
+    return q, k, v, alpha, eta, theta, MemoryState(ws, tuple(jnp.zeros_like(w) for w in ws))
+
+
+def timed(fn, args, repeats):
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(compiled(*args))  # warmup
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), compile_s, compiled
+
+
+def main(argv=None) -> None:
+    on_accel = jax.default_backend() in ("tpu", "gpu", "cuda")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_lengths = "1024,2048,4096,8192,16384,32768,65536" if on_accel else "1024,4096"
+    p.add_argument("--lengths", default=default_lengths, help="comma-separated sequence lengths")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=4 if on_accel else 2)
+    p.add_argument("--d_k", type=int, default=64)
+    p.add_argument("--d_v", type=int, default=64)
+    p.add_argument("--chunk_size", type=int, default=64)
+    p.add_argument("--memory", choices=("linear", "mlp"), default="linear")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--impls", default="kernel,chunked,scan" if on_accel else "chunked,scan")
+    p.add_argument("--max_scan_length", type=int, default=16384 if on_accel else 4096)
+    p.add_argument("--repeats", type=int, default=5 if on_accel else 2)
+    p.add_argument("--grad", action="store_true", help="also time forward+backward")
+    args = p.parse_args(argv)
+
+    impls = args.impls.split(",")
+    if "kernel" in impls and not on_accel:
+        print("# kernel skipped: no TPU/GPU (interpret mode is not a speed measurement)", file=sys.stderr)
+        impls.remove("kernel")
+    fns = {
+        "kernel": functools.partial(memory_update, chunk_size=args.chunk_size, memory=args.memory, impl="pallas"),
+        "chunked": functools.partial(memory_update, chunk_size=args.chunk_size, memory=args.memory, impl="xla"),
+        "scan": functools.partial(memory_update_reference, chunk_size=args.chunk_size, memory=args.memory),
+    }
+    device = jax.devices()[0].device_kind
+    for T in (int(t) for t in args.lengths.split(",")):
+        inputs = make_inputs(args.batch, args.heads, T, args.d_k, args.d_v, args.memory, args.hidden)
+        outs = {}
+        for name in impls:
+            if name == "scan" and T > args.max_scan_length:
+                continue
+            fn = fns[name]
+            sec, compile_s, compiled = timed(fn, inputs, args.repeats)
+            outs[name] = compiled(*inputs)[0]
+            row = {
+                "impl": name,
+                "T": T,
+                "B": args.batch,
+                "H": args.heads,
+                "d_k": args.d_k,
+                "d_v": args.d_v,
+                "chunk_size": args.chunk_size,
+                "memory": args.memory,
+                "device": device,
+                "fwd_ms": round(sec * 1e3, 3),
+                "compile_s": round(compile_s, 2),
+                "fwd_tokens_per_s": round(args.batch * args.heads * T / sec),
+            }
+            if args.grad:
+                loss = lambda *a, fn=fn: jnp.sum(fn(*a)[0])
+                gsec, gcompile, _ = timed(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)), inputs, args.repeats)
+                row.update(fwd_bwd_ms=round(gsec * 1e3, 3), fwd_bwd_compile_s=round(gcompile, 2))
+            print(json.dumps(row), flush=True)
+        base = outs.get("scan")
+        for name, y in outs.items():
+            if name != "scan" and base is not None:
+                err = float(jnp.max(jnp.abs(y.astype(jnp.float32) - base)))
+                print(json.dumps({"check": f"max|{name} - scan|", "T": T, "value": err}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
