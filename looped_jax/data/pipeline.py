@@ -26,6 +26,7 @@ is always padded (weights 0), never dropped. Iterators support get_state/set_sta
 
 import dataclasses
 import importlib
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +57,8 @@ class DatasetSpec:
     building); vocab_size(cfg) -> token vocabulary size; row(cfg, example, split) -> one batch row:
     a dict of fixed-shape numpy arrays holding at least the BATCH fields of the module docstring
     (extra fields, e.g. ``puzzle_ids``, are passed through). Padding rows are all zeros (weight 0).
+    A ``row`` with an ``rng`` keyword gets a ``np.random.Generator`` on training rows (on-the-fly
+    augmentation, reproducible per record and epoch).
     """
 
     builder: Callable[..., tfds.core.DatasetBuilder]
@@ -298,7 +301,13 @@ def _fixed_rows_dataset(
     ds = grain.MapDataset.source(source)
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs).map(lambda example: spec.row(cfg, example, split))
+    ds = ds.repeat(num_epochs)
+    if split == "train" and "rng" in inspect.signature(spec.row).parameters:
+        # Rows that augment on the fly get a numpy Generator seeded by (seed, record index):
+        # deterministic for a resumed run, different across epochs.
+        ds = ds.random_map(lambda example, rng: spec.row(cfg, example, split, rng=rng), seed=seed)
+    else:
+        ds = ds.map(lambda example: spec.row(cfg, example, split))
     if num_epochs is not None:
         total = len(ds)
         padded = math.ceil(total / global_batch) * global_batch
