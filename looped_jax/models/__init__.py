@@ -9,16 +9,19 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from looped_jax.models.latent_thought import LatentThoughtConfig, LatentThoughtModel
 from looped_jax.models.looped import LoopedConfig, LoopedModel
 from looped_jax.models.recurrent_depth import RecurrentDepthConfig, RecurrentDepthModel
 
 MODEL_CONFIGS: dict[str, type] = {
     "recurrent_depth": RecurrentDepthConfig,
     "looped": LoopedConfig,
+    "latent_thought": LatentThoughtConfig,
 }
 MODEL_CLASSES: dict[str, type[nnx.Module]] = {
     "recurrent_depth": RecurrentDepthModel,
     "looped": LoopedModel,
+    "latent_thought": LatentThoughtModel,
 }
 
 
@@ -40,6 +43,8 @@ def count_params(model: nnx.Module) -> int:
 __all__ = [
     "MODEL_CLASSES",
     "MODEL_CONFIGS",
+    "LatentThoughtConfig",
+    "LatentThoughtModel",
     "LoopedConfig",
     "LoopedModel",
     "RecurrentDepthConfig",

@@ -140,6 +140,11 @@ class Trainer:
 
     def _eval_step(self, params, batch: dict, num_loops) -> dict:
         model = self.model(params)
+        if callable(getattr(model, "elbo", None)):
+            # Latent-variable models are scored by their ELBO (NLL + KL, a bound), with the
+            # inner inference loop run on the evaluated text at the configured step count.
+            o = model.elbo(batch, model.cfg.inner_steps, jax.random.key(0))
+            return {"loss_sum": o["nll_sum"] + o["kl_sum"], "correct": o["correct"], "num_tokens": o["num_tokens"]}
         kwargs = {} if num_loops is None else {"num_loops": num_loops}
         logits = model(
             batch["inputs"],
