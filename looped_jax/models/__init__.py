@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from looped_jax.models.fam import FamConfig, FamModel
 from looped_jax.models.latent_thought import LatentThoughtConfig, LatentThoughtModel
 from looped_jax.models.looped import LoopedConfig, LoopedModel
 from looped_jax.models.recurrent_depth import RecurrentDepthConfig, RecurrentDepthModel
@@ -17,11 +18,13 @@ MODEL_CONFIGS: dict[str, type] = {
     "recurrent_depth": RecurrentDepthConfig,
     "looped": LoopedConfig,
     "latent_thought": LatentThoughtConfig,
+    "fam": FamConfig,
 }
 MODEL_CLASSES: dict[str, type[nnx.Module]] = {
     "recurrent_depth": RecurrentDepthModel,
     "looped": LoopedModel,
     "latent_thought": LatentThoughtModel,
+    "fam": FamModel,
 }
 
 
@@ -41,6 +44,8 @@ def count_params(model: nnx.Module) -> int:
 
 
 __all__ = [
+    "FamConfig",
+    "FamModel",
     "MODEL_CLASSES",
     "MODEL_CONFIGS",
     "LatentThoughtConfig",
