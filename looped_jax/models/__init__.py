@@ -13,18 +13,21 @@ from looped_jax.models.fam import FamConfig, FamModel
 from looped_jax.models.latent_thought import LatentThoughtConfig, LatentThoughtModel
 from looped_jax.models.looped import LoopedConfig, LoopedModel
 from looped_jax.models.recurrent_depth import RecurrentDepthConfig, RecurrentDepthModel
+from looped_jax.models.titans import TitansConfig, TitansModel
 
 MODEL_CONFIGS: dict[str, type] = {
     "recurrent_depth": RecurrentDepthConfig,
     "looped": LoopedConfig,
     "latent_thought": LatentThoughtConfig,
     "fam": FamConfig,
+    "titans": TitansConfig,
 }
 MODEL_CLASSES: dict[str, type[nnx.Module]] = {
     "recurrent_depth": RecurrentDepthModel,
     "looped": LoopedModel,
     "latent_thought": LatentThoughtModel,
     "fam": FamModel,
+    "titans": TitansModel,
 }
 
 
@@ -54,6 +57,8 @@ __all__ = [
     "LoopedModel",
     "RecurrentDepthConfig",
     "RecurrentDepthModel",
+    "TitansConfig",
+    "TitansModel",
     "build_model",
     "count_params",
 ]
