@@ -28,6 +28,7 @@ def check_field(ok: bool, field: str, expected: str, got: Any) -> None:
 class OptimConfig:
     """AdamW with linear warmup and cosine decay, global-norm gradient clipping."""
 
+    name: str = "adamw"  # "adamw" or "adam_atan2" (HRM/TRM: AdamATan2 + sign-SGD on the puzzle embedding)
     learning_rate: float = 1e-3
     warmup_steps: int = 100
     decay_steps: int = 0  # 0 = decay over train.num_steps
@@ -38,6 +39,8 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
     ema_decay: float = 0.0  # > 0 keeps an EMA of the weights, used for evaluation (TRM uses 0.999)
+    puzzle_emb_learning_rate: float = 0.0  # adam_atan2: sign-SGD lr of `puzzle_emb` params (0 = learning_rate)
+    puzzle_emb_weight_decay: float = -1.0  # adam_atan2: its decoupled weight decay (< 0 = weight_decay)
 
     def __post_init__(self):
         check_field(self.learning_rate > 0, "optim.learning_rate", "> 0", self.learning_rate)
@@ -52,6 +55,10 @@ class OptimConfig:
         check_field(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1/b2", "in [0, 1)", (self.b1, self.b2))
         check_field(self.grad_clip >= 0, "optim.grad_clip", ">= 0", self.grad_clip)
         check_field(0 <= self.ema_decay < 1, "optim.ema_decay", "in [0, 1)", self.ema_decay)
+        check_field(self.name in ("adamw", "adam_atan2"), "optim.name", "'adamw' or 'adam_atan2'", self.name)
+        check_field(
+            self.puzzle_emb_learning_rate >= 0, "optim.puzzle_emb_learning_rate", ">= 0", self.puzzle_emb_learning_rate
+        )
 
 
 @dataclasses.dataclass(frozen=True)

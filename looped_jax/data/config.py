@@ -225,7 +225,8 @@ def _check_passkey_fields(cfg: DataConfig) -> None:
         )
     if cfg.passkey_train_min_len and not min_len <= cfg.passkey_train_min_len <= cfg.seq_len:
         raise ValueError(
-            f"data.passkey_train_min_len must be 0 or in [{min_len}, seq_len={cfg.seq_len}], got {cfg.passkey_train_min_len}"
+            f"data.passkey_train_min_len must be 0 or in [{min_len}, seq_len={cfg.seq_len}], "
+            f"got {cfg.passkey_train_min_len}"
         )
     if not cfg.passkey_test_lens or len(set(cfg.passkey_test_lens)) != len(cfg.passkey_test_lens):
         raise ValueError(

@@ -10,10 +10,13 @@ import jax
 from flax import nnx
 
 from looped_jax.models.fam import FamConfig, FamModel
+from looped_jax.models.gram import GramConfig, GramModel
+from looped_jax.models.hrm import HRMConfig, HRMModel
 from looped_jax.models.latent_thought import LatentThoughtConfig, LatentThoughtModel
 from looped_jax.models.looped import LoopedConfig, LoopedModel
 from looped_jax.models.recurrent_depth import RecurrentDepthConfig, RecurrentDepthModel
 from looped_jax.models.titans import TitansConfig, TitansModel
+from looped_jax.models.trm import TRMConfig, TRMModel
 
 MODEL_CONFIGS: dict[str, type] = {
     "recurrent_depth": RecurrentDepthConfig,
@@ -21,6 +24,9 @@ MODEL_CONFIGS: dict[str, type] = {
     "latent_thought": LatentThoughtConfig,
     "fam": FamConfig,
     "titans": TitansConfig,
+    "hrm": HRMConfig,
+    "trm": TRMConfig,
+    "gram": GramConfig,
 }
 MODEL_CLASSES: dict[str, type[nnx.Module]] = {
     "recurrent_depth": RecurrentDepthModel,
@@ -28,6 +34,9 @@ MODEL_CLASSES: dict[str, type[nnx.Module]] = {
     "latent_thought": LatentThoughtModel,
     "fam": FamModel,
     "titans": TitansModel,
+    "hrm": HRMModel,
+    "trm": TRMModel,
+    "gram": GramModel,
 }
 
 
@@ -49,6 +58,10 @@ def count_params(model: nnx.Module) -> int:
 __all__ = [
     "FamConfig",
     "FamModel",
+    "GramConfig",
+    "GramModel",
+    "HRMConfig",
+    "HRMModel",
     "MODEL_CLASSES",
     "MODEL_CONFIGS",
     "LatentThoughtConfig",
@@ -59,6 +72,8 @@ __all__ = [
     "RecurrentDepthModel",
     "TitansConfig",
     "TitansModel",
+    "TRMConfig",
+    "TRMModel",
     "build_model",
     "count_params",
 ]

@@ -1,6 +1,11 @@
-"""Optimizer: AdamW with linear warmup + cosine decay and global-norm clipping (optax)."""
+"""Optimizer: AdamW with linear warmup + cosine decay and global-norm clipping (optax), or the
+HRM/TRM recipe (``optim.name="adam_atan2"``): AdamATan2 on the network and sign-SGD on the
+puzzle-identifier embedding, with HRM's linear warmup to a constant rate when
+``end_learning_rate_ratio == 1``."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import optax
@@ -30,6 +35,27 @@ def make_optimizer(cfg: OptimConfig, num_steps: int) -> tuple[optax.GradientTran
     parts = []
     if cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+    if cfg.name == "adam_atan2":
+        from looped_jax.train.adam_atan2 import hrm_optimizer, linear_warmup
+
+        puzzle_lr = cfg.puzzle_emb_learning_rate or cfg.learning_rate
+        puzzle_wd = cfg.weight_decay if cfg.puzzle_emb_weight_decay < 0 else cfg.puzzle_emb_weight_decay
+        if cfg.end_learning_rate_ratio == 1.0:
+            schedule = linear_warmup(cfg.learning_rate, cfg.warmup_steps)
+            puzzle_schedule = linear_warmup(puzzle_lr, cfg.warmup_steps)
+        else:
+            puzzle_schedule = learning_rate_schedule(dataclasses.replace(cfg, learning_rate=puzzle_lr), num_steps)
+        parts.append(
+            hrm_optimizer(
+                schedule,
+                weight_decay=cfg.weight_decay,
+                puzzle_learning_rate=puzzle_schedule,
+                puzzle_weight_decay=puzzle_wd,
+                b1=cfg.b1,
+                b2=cfg.b2,
+            )
+        )
+        return optax.chain(*parts), schedule
     parts.append(
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
     )

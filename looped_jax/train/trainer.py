@@ -14,6 +14,7 @@ of the parameters, which evaluation uses.
 
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,6 +35,26 @@ from looped_jax.train.metrics import MetricsLogger
 from looped_jax.train.optimizer import make_optimizer
 
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+
+
+def optimizer_state_specs(abstract_opt, abstract_params, param_specs):
+    """PartitionSpecs of an optimizer state: a leaf whose key path ends with a parameter's path
+    and has that parameter's shape (Adam moments, EMAs, the masked halves of a multi_transform)
+    is sharded like the parameter; everything else (counts, scalars) is replicated."""
+    by_path = {}
+    for path, spec in jax.tree_util.tree_leaves_with_path(param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)):
+        by_path[tuple(path)] = spec
+    shapes = {tuple(path): x.shape for path, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
+
+    def spec_of(path, leaf):
+        path = tuple(path)
+        for start in range(len(path)):
+            suffix = path[start:]
+            if suffix in by_path and shapes.get(suffix) == getattr(leaf, "shape", None):
+                return by_path[suffix]
+        return PartitionSpec()
+
+    return jax.tree_util.tree_map_with_path(spec_of, abstract_opt)
 
 
 class TrainState(NamedTuple):
@@ -63,14 +84,7 @@ class Trainer:
             raise ValueError("models must keep all their state in nnx.Param variables")
         param_specs = shd.pure_param_specs(abstract_params, self.mesh)
         abstract_opt = jax.eval_shape(self.tx.init, nnx.to_pure_dict(abstract_params))
-        opt_specs = optax.tree_map_params(
-            self.tx,
-            lambda _, spec: spec,
-            abstract_opt,
-            param_specs,
-            transform_non_params=lambda _: PartitionSpec(),
-            is_leaf=lambda x: isinstance(x, PartitionSpec),
-        )
+        opt_specs = optimizer_state_specs(abstract_opt, nnx.to_pure_dict(abstract_params), param_specs)
         self.stateful = callable(getattr(abstract_model, "initial_carry", None))
         carry_specs = None
         if self.stateful:
@@ -146,6 +160,8 @@ class Trainer:
             o = model.elbo(batch, model.cfg.inner_steps, jax.random.key(0))
             return {"loss_sum": o["nll_sum"] + o["kl_sum"], "correct": o["correct"], "num_tokens": o["num_tokens"]}
         kwargs = {} if num_loops is None else {"num_loops": num_loops}
+        if "puzzle_ids" in batch and "puzzle_ids_B" in inspect.signature(model.__call__).parameters:
+            kwargs["puzzle_ids_B"] = batch["puzzle_ids"]
         logits = model(
             batch["inputs"],
             positions_BT=batch["positions"],

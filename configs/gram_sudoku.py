@@ -1,0 +1,62 @@
+"""GRAM (Baek et al. 2026, arXiv 2605.19376) at the paper's scale on 9x9 sudoku (accelerator run).
+
+From the issue: ~10M parameters and beta = 0.1 for Sudoku (KL balancing alpha = 0.8). The remaining
+settings are not given there and follow TRM (Jolicoeur-Martineau 2025) on Sudoku-Extreme: n = 6 l-updates,
+T = 3 transitions per supervision step, 16 supervision steps, lr 1e-4, weight decay 1.0, batch 768,
+EMA 0.999. Note: our data set is the generated one of looped_jax.data.sudoku, not Sudoku-Extreme.
+"""
+
+from looped_jax.config import CheckpointConfig, ExperimentConfig, OptimConfig, TrainConfig
+from looped_jax.data import DataConfig
+from looped_jax.models.gram import GramConfig
+
+
+def get_config() -> ExperimentConfig:
+    data = DataConfig(
+        name="sudoku",
+        seq_len=81,
+        sudoku_size=9,
+        num_train=1000,
+        num_test=1000,
+        sudoku_num_aug=1000,
+        sudoku_min_rating=1,
+        seed=0,
+    )
+    model = GramConfig(
+        vocab_size=11,
+        seq_len=81,
+        d_model=512,
+        num_heads=8,
+        head_dim=64,
+        mlp_dim=2048,
+        num_layers_l=1,
+        num_layers_h=1,
+        l_cycles=6,
+        num_transitions=3,
+        supervision_steps=16,
+        eval_transitions=48,
+        beta=0.1,
+        kl_balance=0.8,
+    )
+    return ExperimentConfig(
+        model=model,
+        data=data,
+        optim=OptimConfig(
+            learning_rate=1e-4,
+            warmup_steps=2000,
+            weight_decay=1.0,
+            b1=0.9,
+            b2=0.95,
+            end_learning_rate_ratio=1.0,
+            ema_decay=0.999,
+        ),
+        train=TrainConfig(
+            num_steps=50_000,
+            global_batch_size=768,
+            log_every=100,
+            eval_every=5000,
+            eval_batches=2,
+            output_dir="runs/gram_sudoku",
+        ),
+        checkpoint=CheckpointConfig(save_every=5000, keep=3),
+    )

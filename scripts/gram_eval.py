@@ -1,0 +1,173 @@
+"""GRAM width and depth scaling: puzzle accuracy against N sampled trajectories and against depth.
+
+Trains the config (or resumes its finished checkpoint in ``train.output_dir``), then on the test split
+samples ``max(N)`` prior trajectories per puzzle in parallel (``jax.vmap`` over trajectory keys) for every
+depth (number of transitions from z_0) and reports, for each N, the exact-puzzle accuracy of
+
+    single    one trajectory (mean over all sampled trajectories, i.e. the expected N = 1 accuracy),
+    majority  the most frequent whole grid among N,
+    reward    the trajectory with the highest latent process reward v_psi,
+    oracle    any of the N is right (pass@N, an upper bound for any selector),
+
+averaged over the max(N) / N disjoint groups of N trajectories. Writes results.json and a PNG.
+
+    python scripts/gram_eval.py --config configs/gram_sudoku_cpu.py --output runs/gram_eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from looped_jax.config import load_config  # noqa: E402
+
+
+def selection_metrics(preds_NBT, reward_NB, targets_BT, weights_BT, group: int) -> dict:
+    """Exact / cell accuracy of each selection rule for disjoint groups of ``group`` trajectories."""
+    import jax.numpy as jnp
+
+    from looped_jax.models.gram import exact_and_accuracy, gather_trajectory, select_by_reward, select_majority
+
+    n = preds_NBT.shape[0]
+    if n % group:
+        raise ValueError(f"group size {group} must divide the number of trajectories {n}")
+    real_B = (weights_BT.sum(-1) > 0).astype(jnp.float32)
+    count = jnp.maximum(real_B.sum(), 1.0)
+    mean = lambda x_B: float((x_B * real_B).sum() / count)
+    exact_NB, acc_NB = jnp.vectorize(
+        lambda p: exact_and_accuracy(p, targets_BT, weights_BT), signature="(b,t)->(b),(b)"
+    )(preds_NBT)
+    out = {"single_exact": mean(exact_NB.mean(0)), "single_cell": mean(acc_NB.mean(0))}
+    sums: dict = {}
+    for g in range(n // group):
+        sl = slice(g * group, (g + 1) * group)
+        maj_B, _ = select_majority(preds_NBT[sl], weights_BT)
+        rew_B = select_by_reward(reward_NB[sl])
+        for rule, idx_B in (("majority", maj_B), ("reward", rew_B)):
+            sums[f"{rule}_exact"] = sums.get(f"{rule}_exact", 0.0) + mean(gather_trajectory(exact_NB[sl], idx_B))
+            sums[f"{rule}_cell"] = sums.get(f"{rule}_cell", 0.0) + mean(gather_trajectory(acc_NB[sl], idx_B))
+        sums["oracle_exact"] = sums.get("oracle_exact", 0.0) + mean(exact_NB[sl].max(0))
+    out.update({k: v / (n // group) for k, v in sums.items()})
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs" / "gram_sudoku_cpu.py"))
+    p.add_argument("--samples", default="1,4,16", help="numbers of trajectories N")
+    p.add_argument("--depths", default="1,2,4,8,16,32", help="numbers of transitions")
+    p.add_argument("--eval_batch_size", type=int, default=128)
+    p.add_argument("--max_batches", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="seed of the trajectory keys")
+    p.add_argument("--output", default="runs/gram_eval")
+    p.add_argument("--set", action="append", default=[], help="config override, e.g. train.num_steps=300")
+    args = p.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from looped_jax.data import make_eval_batches, prepare
+    from looped_jax.models import build_model, count_params
+    from looped_jax.train.trainer import Trainer
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = [int(x) for x in args.samples.split(",")]
+    depths = [int(x) for x in args.depths.split(",")]
+    n_max = max(samples)
+    cfg = load_config(args.config, dict(kv.split("=", 1) for kv in args.set))
+    prepare(cfg.data)
+    trainer = Trainer(cfg)
+    t0 = time.perf_counter()
+    state, history = trainer.fit()
+    results: dict = {
+        "config": args.config,
+        "overrides": args.set,
+        "params": count_params(nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0)))),
+        "train_steps": int(state.step),
+        "fit_seconds": round(time.perf_counter() - t0, 1),
+        "train_metrics": history["train"],
+        "train_depth": cfg.model.supervision_steps * cfg.model.num_transitions,
+        "samples": samples,
+        "depths": depths,
+        "by_depth": {},
+    }
+    batches = make_eval_batches(cfg.data, "test", args.eval_batch_size, max_batches=args.max_batches)
+    graphdef, params = trainer.graphdef, state.eval_params
+
+    def sample(params, batch, key, depth):
+        return nnx.merge(graphdef, params).sample_trajectories(batch, key, num_samples=n_max, depth=depth)
+
+    sample = jax.jit(sample, static_argnums=3)
+    base = jax.random.key(args.seed)
+    with jax.set_mesh(trainer.mesh):
+        for depth in depths:
+            t1 = time.perf_counter()
+            preds, rewards, targets, weights = [], [], [], []
+            for i, batch in enumerate(batches):
+                b = {k: jnp.asarray(v) for k, v in batch.items()}
+                o = sample(params, b, jax.random.fold_in(base, i), depth)
+                preds.append(o["preds"])
+                rewards.append(o["reward"])
+                targets.append(b["targets"])
+                weights.append(b["weights"])
+            preds_NBT, reward_NB = jnp.concatenate(preds, 1), jnp.concatenate(rewards, 1)
+            targets_BT, weights_BT = jnp.concatenate(targets), jnp.concatenate(weights)
+            entry = {str(n): selection_metrics(preds_NBT, reward_NB, targets_BT, weights_BT, n) for n in samples}
+            entry["num_puzzles"] = int((weights_BT.sum(-1) > 0).sum())
+            entry["seconds"] = round(time.perf_counter() - t1, 2)
+            results["by_depth"][str(depth)] = entry
+            line = "  ".join(
+                f"N={n}: maj {entry[str(n)]['majority_exact']:.3f} rew {entry[str(n)]['reward_exact']:.3f} "
+                f"orc {entry[str(n)]['oracle_exact']:.3f}"
+                for n in samples
+            )
+            print(f"depth {depth:3d}  single {entry[str(samples[0])]['single_exact']:.3f}  {line}", flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    _plot(results, out / "gram_width_depth.png", np)
+    print(f"wrote {out / 'results.json'} and {out / 'gram_width_depth.png'}")
+    return 0
+
+
+def _plot(results: dict, path: Path, np) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples, depths = results["samples"], results["depths"]
+    by_depth = results["by_depth"]
+    train_depth = str(results["train_depth"]) if str(results["train_depth"]) in by_depth else str(depths[-1])
+    fig, (ax_n, ax_d) = plt.subplots(1, 2, figsize=(11, 4))
+    for rule, style in (("majority", "o-"), ("reward", "s--"), ("oracle", "^:")):
+        ax_n.plot(samples, [by_depth[train_depth][str(n)][f"{rule}_exact"] for n in samples], style, label=rule)
+    ax_n.set_xscale("log", base=2)
+    ax_n.set_xlabel("trajectories N")
+    ax_n.set_ylabel("puzzle (exact) accuracy")
+    ax_n.set_title(f"width scaling at depth {train_depth}")
+    ax_n.legend()
+    for n in samples:
+        for rule, style in (("majority", "o-"), ("reward", "s--")):
+            if n == 1 and rule == "reward":
+                continue
+            ys = [by_depth[str(d)][str(n)][f"{rule}_exact"] for d in depths]
+            ax_d.plot(depths, ys, style, label=f"N={n} {rule}" if n > 1 else "N=1")
+    ax_d.set_xscale("log", base=2)
+    ax_d.set_xlabel("depth (transitions)")
+    ax_d.set_ylabel("puzzle (exact) accuracy")
+    ax_d.set_title("depth scaling")
+    ax_d.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""GRAM (Baek et al. 2026): KL balancing, gradient routing, parallel trajectories, selection rules, frozen z_0."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from looped_jax.data.sudoku import encode, generate_sudoku
+from looped_jax.models import MODEL_CLASSES, build_model
+from looped_jax.models.gram import (
+    GramConfig,
+    GramModel,
+    balanced_kl,
+    gather_trajectory,
+    gaussian_kl,
+    select_by_reward,
+    select_majority,
+)
+
+TINY = dict(
+    vocab_size=6,
+    seq_len=16,
+    d_model=16,
+    num_heads=2,
+    head_dim=8,
+    mlp_dim=32,
+    l_cycles=1,
+    num_transitions=2,
+    supervision_steps=2,
+    eval_transitions=2,
+)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    puzzles, solutions, _ = generate_sudoku(4, 4, seed=0)
+    b, t = puzzles.shape
+    return {
+        "inputs": jnp.asarray(encode(puzzles)),
+        "targets": jnp.asarray(encode(solutions)),
+        "weights": jnp.ones((b, t), jnp.float32),
+        "segment_ids": jnp.ones((b, t), jnp.int32),
+        "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
+    }
+
+
+def _build(cfg: GramConfig, seed: int = 0) -> GramModel:
+    """Builds the model with jitted initialisation (eager NNX init is slow on a busy CPU)."""
+    graphdef = nnx.split(nnx.eval_shape(lambda: GramModel(cfg, rngs=nnx.Rngs(seed))))[0]
+    state = jax.jit(lambda: nnx.split(GramModel(cfg, rngs=nnx.Rngs(seed)))[1])()
+    return nnx.merge(graphdef, state)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _build(GramConfig(**TINY))
+
+
+# ----------------------------------------------------------------------------- KL balancing
+
+
+def _hand_kl_and_grads(mq, lq, mp, lp):
+    """KL(N(mq, sq^2) || N(mp, sp^2)) and its derivatives in (mq, log sq, mp, log sp), by hand."""
+    sq, sp, d = math.exp(lq), math.exp(lp), mq - mp
+    kl = math.log(sp / sq) + (sq**2 + d**2) / (2 * sp**2) - 0.5
+    return kl, (d / sp**2, -1 + sq**2 / sp**2, -d / sp**2, 1 - (sq**2 + d**2) / sp**2)
+
+
+@pytest.mark.parametrize("alpha", [0.8, 0.0, 1.0])
+def test_balanced_kl_value_and_gradient_routing(alpha):
+    mq, lq, mp, lp = 0.7, math.log(0.5), -0.3, math.log(1.5)
+    kl, (d_mq, d_lq, d_mp, d_lp) = _hand_kl_and_grads(mq, lq, mp, lp)
+    np.testing.assert_allclose(float(gaussian_kl(mq, lq, mp, lp)), kl, rtol=1e-6)
+    np.testing.assert_allclose(float(balanced_kl(mq, lq, mp, lp, alpha)), kl, rtol=1e-6)  # value = plain KL
+    grads = jax.grad(lambda *a: balanced_kl(*a, alpha), argnums=(0, 1, 2, 3))(mq, lq, mp, lp)
+    # alpha * KL(sg q || p) moves only p; (1 - alpha) * KL(q || sg p) moves only q.
+    expected = ((1 - alpha) * d_mq, (1 - alpha) * d_lq, alpha * d_mp, alpha * d_lp)
+    np.testing.assert_allclose(np.array(grads, np.float64), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_kl_balancing_routes_to_prior_and_posterior_heads(model, batch):
+    """Through the model: the alpha term reaches only the prior heads, the (1 - alpha) term only q's parameters."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    b = batch["inputs"].shape[0]
+
+    def kl(params, alpha):
+        m = nnx.merge(graphdef, params)
+        x = m.embed_inputs(batch["inputs"])
+        _, (u, (mq, lq), (mp, lp)) = m.transition(
+            m.initial_state(b), x, batch["positions"], batch["segment_ids"], jax.random.key(0), batch["targets"]
+        )
+        del u
+        return balanced_kl(mq, lq, mp, lp, alpha).sum()
+
+    grad = jax.jit(jax.grad(kl))  # alpha is traced: one compile for both terms
+    prior_side = nnx.to_pure_dict(grad(params, 1.0))  # the alpha term alone
+    post_side = nnx.to_pure_dict(grad(params, 0.0))  # the (1 - alpha) term alone
+    norm = lambda tree: float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(tree)))
+    for name in ("prior_mu", "prior_log_sigma"):
+        assert norm(prior_side[name]) > 0 and norm(post_side[name]) == 0.0, name
+    for name in ("post_mu", "post_log_sigma", "target_embed"):
+        assert norm(post_side[name]) > 0 and norm(prior_side[name]) == 0.0, name
+
+
+# ----------------------------------------------------------------------------- gradient routing
+
+
+def test_gradient_only_through_last_transition(model, batch):
+    """supervision_step == last-transition loss at the (constant) state left by the earlier transitions."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    cfg = model.cfg
+    key = jax.random.key(3)
+    keys = jax.random.split(key, cfg.num_transitions + 1)
+    state0 = model.initial_state(batch["inputs"].shape[0])
+
+    def advance(m, x):
+        s = state0
+        for t in range(cfg.num_transitions - 1):
+            s, _ = m.transition(s, x, batch["positions"], batch["segment_ids"], keys[t])  # prior-driven carry
+        return s
+
+    def model_loss(params, state):
+        m = nnx.merge(graphdef, params)
+        return m.supervision_step(state, m.embed_inputs(batch["inputs"]), batch, key)[1]
+
+    def reference(params, through_all):
+        m = nnx.merge(graphdef, params)
+        x = m.embed_inputs(batch["inputs"])
+        s = advance(m, x) if through_all else jax.lax.stop_gradient(advance(m, x))
+        return m.last_transition_loss(s, x, batch, keys[-2], keys[-1])[1]
+
+    @jax.jit
+    def all_grads(params, state0):
+        loss_model, (g_model, g_state) = jax.value_and_grad(model_loss, argnums=(0, 1))(params, state0)
+        loss_last, g_last = jax.value_and_grad(reference)(params, False)
+        return loss_model, g_model, g_state, loss_last, g_last, jax.grad(reference)(params, True)
+
+    loss_model, g_model, g_state, loss_last, g_last, g_all = all_grads(params, state0)
+    np.testing.assert_allclose(float(loss_model), float(loss_last), rtol=1e-5)
+    # float32 round-off of scan vs Python loop: compare at 1e-5 of each gradient's scale.
+    for a, b in zip(jax.tree.leaves(g_model), jax.tree.leaves(g_last), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()) + 1e-12)
+    # The incoming carry is detached, and backprop through all transitions would have given other gradients.
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_state))
+    pairs = zip(jax.tree.leaves(g_all), jax.tree.leaves(g_last), strict=True)
+    diff = max(float(jnp.abs(a - b).max()) for a, b in pairs)
+    assert diff > 1e-4
+
+
+@pytest.mark.slow
+def test_loss_trains_tiny_batch(batch):
+    """A few Adam steps on one batch lower the loss (CE + beta KL + halting + reward terms all finite)."""
+    import optax
+
+    model = _build(GramConfig(**{**TINY, "num_transitions": 1}), seed=1)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = optax.adam(3e-3)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, key):
+        (loss, metrics), grads = jax.value_and_grad(
+            lambda p: nnx.merge(graphdef, p).loss(batch, rng=key, train=True), has_aux=True
+        )(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, loss, metrics
+
+    losses = []
+    for i in range(30):
+        params, opt, loss, metrics = step(params, opt, jax.random.key(i))
+        losses.append(float(loss))
+    assert all(np.isfinite(losses)) and all(np.isfinite(float(v)) for v in metrics.values())
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+# ----------------------------------------------------------------------------- width: parallel trajectories
+
+
+def test_vmapped_trajectories_independent_and_deterministic(model, batch):
+    key = jax.random.key(7)
+    sample = jax.jit(lambda k: model.sample_trajectories(batch, k, num_samples=4, depth=3))
+    out, again = sample(key), sample(key)
+    jax.tree.map(np.testing.assert_array_equal, out, again)  # deterministic per key
+    keys = jax.random.split(key, 4)
+    rollout = jax.jit(
+        lambda k: model.rollout(batch["inputs"], batch["positions"], batch["segment_ids"], batch["weights"], k, 3)
+    )
+    for i in (0, 3):  # trajectory i is the single rollout with its own key: vmap does not couple them
+        pred, reward, halt = rollout(keys[i])
+        np.testing.assert_array_equal(out["preds"][i], pred)
+        np.testing.assert_allclose(out["reward"][i], reward, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out["halt"][i], halt, rtol=1e-5, atol=1e-6)
+    rewards = np.asarray(out["reward"])
+    assert all(not np.allclose(rewards[i], rewards[j]) for i in range(4) for j in range(i))  # distinct noise
+    other = sample(jax.random.key(8))
+    assert not np.allclose(other["reward"], rewards)
+
+
+# ----------------------------------------------------------------------------- selection rules
+
+
+def test_majority_vote_and_reward_selection():
+    g1, g2, g3 = [1, 2, 3, 4], [1, 2, 4, 3], [2, 1, 3, 4]
+    # Row 0: g2 wins 3-1. Row 1: g1 vs g3 tie 2-2 -> first index. Row 2: last cell masked, so 0 and 2 agree.
+    preds_NBT = jnp.array(
+        [
+            [g1, g1, g1],
+            [g2, g3, g2],
+            [g2, g1, [1, 2, 3, 1]],
+            [g2, g3, g3],
+        ]
+    )
+    weights_BT = jnp.array([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0]], jnp.float32)
+    index_B, votes_B = select_majority(preds_NBT, weights_BT)
+    np.testing.assert_array_equal(index_B, [1, 0, 0])
+    np.testing.assert_array_equal(votes_B, [3, 2, 2])
+    np.testing.assert_array_equal(gather_trajectory(preds_NBT, index_B), [g2, g1, g1])
+    index_nomask, votes_nomask = select_majority(preds_NBT)  # unmasked: row 2 grids 0 and 2 differ
+    np.testing.assert_array_equal(index_nomask, [1, 0, 0])
+    np.testing.assert_array_equal(votes_nomask, [3, 2, 1])
+    reward_NB = jnp.array([[0.1, 0.9, -1.0], [0.5, 0.2, -1.0], [0.4, 0.9, -2.0], [0.3, -0.5, -1.0]])
+    np.testing.assert_array_equal(select_by_reward(reward_NB), [1, 0, 0])
+    np.testing.assert_array_equal(gather_trajectory(preds_NBT, select_by_reward(reward_NB)), [g2, g1, g1])
+
+
+# ----------------------------------------------------------------------------- frozen z_0 and registry
+
+
+def test_z0_is_a_frozen_constant_not_a_parameter(model):
+    cfg = GramConfig(**TINY)
+    a = model
+    b = nnx.eval_shape(lambda: GramModel(cfg, rngs=nnx.Rngs(1)))  # z_0 needs no parameter values
+    h_a, l_a = a.initial_state(2)
+    h_b, l_b = b.initial_state(2)
+    np.testing.assert_array_equal(h_a, h_b)  # fixed by z0_seed, not by the parameter seed
+    np.testing.assert_array_equal(l_a, l_b)
+    np.testing.assert_array_equal(h_a[0], h_a[1])  # one z_0 shared by every row
+    assert not np.allclose(h_a, l_a)
+    h_c, _ = nnx.eval_shape(lambda: GramModel(GramConfig(**{**TINY, "z0_seed": 5}), rngs=nnx.Rngs(0))).initial_state(2)
+    assert not np.allclose(h_a, h_c)
+    # All model state is nnx.Param (the trainer's rule) and none of it holds z_0: the optimiser cannot move it.
+    _, params, rest = nnx.split(a, nnx.Param, ...)
+    assert not jax.tree.leaves(rest)
+    for leaf in jax.tree.leaves(params):
+        assert leaf.shape != h_a.shape[1:] or not np.allclose(leaf, h_a[0])
+
+
+def test_config_validation_and_registry(model):
+    with pytest.raises(ValueError, match="model.kl_balance"):
+        GramConfig(kl_balance=1.5)
+    with pytest.raises(ValueError, match="model.num_transitions"):
+        GramConfig(num_transitions=0)
+    assert MODEL_CLASSES["gram"] is GramModel
+    assert isinstance(nnx.eval_shape(lambda: build_model(GramConfig(**TINY), rngs=nnx.Rngs(0))), GramModel)
+    with pytest.raises(ValueError, match="model.seq_len=16"):
+        model.loss({"inputs": jnp.zeros((1, 9), jnp.int32)}, rng=jax.random.key(0))
