@@ -285,6 +285,14 @@ def make_pipeline(
     return iter(ds)
 
 
+def _pad_to_global_batches(ds: grain.MapDataset, global_batch: int, empty: Any) -> grain.MapDataset:
+    """`ds` followed by copies of `empty` up to a whole number of global batches, so every host of
+    a finite pass yields the same number of batches."""
+    total = len(ds)
+    padded = math.ceil(total / global_batch) * global_batch
+    return grain.MapDataset.range(padded).map(lambda i: ds[i] if i < total else empty)
+
+
 def _fixed_rows_dataset(
     cfg: DataConfig,
     spec: DatasetSpec,
@@ -309,12 +317,8 @@ def _fixed_rows_dataset(
     else:
         ds = ds.map(lambda example: spec.row(cfg, example, split))
     if num_epochs is not None:
-        total = len(ds)
-        padded = math.ceil(total / global_batch) * global_batch
-        if padded > total:
-            empty = {k: np.zeros_like(v) for k, v in ds[0].items()}
-            rows = ds
-            ds = grain.MapDataset.range(padded).map(lambda i: rows[i] if i < total else empty)
+        if len(ds) % global_batch:
+            ds = _pad_to_global_batches(ds, global_batch, {k: np.zeros_like(v) for k, v in ds[0].items()})
     ds = ds[shard].batch(host_batch, drop_remainder=False)
     return ds.to_iter_dataset(_READ_OPTIONS)
 
@@ -337,15 +341,12 @@ def _chains_dataset(
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
     if num_epochs is not None:
-        total = len(ds)
-        padded = math.ceil(total / global_batch) * global_batch
         empty = {
             "tokens": np.zeros(chains_problem_length(cfg.num_assignments), np.int32),
             "answer_position": np.int32(0),
             "hops": np.int32(0),
         }
-        records = ds
-        ds = grain.MapDataset.range(padded).map(lambda i: records[i] if i < total else empty)
+        ds = _pad_to_global_batches(ds, global_batch, empty)
     ds = ds[shard]
     pair_vars = cfg.num_vars if cfg.chains_pair_tokens else 0
     # Dense labels train on every assignment; their test splits score the queried variable's
