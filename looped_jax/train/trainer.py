@@ -191,12 +191,7 @@ class Trainer:
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
             raise ValueError(f"batch is missing fields {missing}; every batch needs {list(BATCH_KEYS)}")
-        out = {}
-        for k, v in batch.items():
-            v = np.asarray(v)
-            sharding = NamedSharding(self.mesh, shd.batch_spec(self.mesh, v.ndim))
-            out[k] = jax.make_array_from_process_local_data(sharding, v)
-        return out
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in batch.items()}
 
     def make_train_iterator(self):
         from looped_jax.data import make_pipeline
