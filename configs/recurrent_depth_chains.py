@@ -3,7 +3,14 @@
 Trained on 1-4 hop problems (topological order, one token per assignment, every assignment
 supervised) with loop counts
 sampled around mean_loops; evaluated on the query answer of 1-8 hop problems
-with 1..32 loops to show test-time depth scaling.
+with 1..64 loops to show test-time depth scaling.
+
+All the depth is in the loop: no prelude or coda layers (s_i = Core(Adapter([s_{i-1}; E(x)])),
+logits = Head(norm(s_r))). With one prelude and one coda layer (the Huginn layout) the two
+unshared layers learn to resolve 1-2 hop chains on their own within the 1500 steps, the core
+settles on a near-identity and accuracy stays flat in the loop count (3-8 hops ~0.55-0.79 at
+every r from 1 to 32). Two heads of width 32 rather than four of 16: a lookup matches one
+variable among 20 in a single head, and the wider heads train the match in fewer steps.
 """
 
 from looped_jax.config import CheckpointConfig, ExperimentConfig, OptimConfig, TrainConfig
@@ -24,13 +31,13 @@ def get_config() -> ExperimentConfig:
     model = RecurrentDepthConfig(
         vocab_size=635,
         d_model=64,
-        num_heads=4,
-        num_kv_heads=4,
-        head_dim=16,
+        num_heads=2,
+        num_kv_heads=2,
+        head_dim=32,
         mlp_dim=192,
-        num_prelude_layers=1,
+        num_prelude_layers=0,
         num_core_layers=1,
-        num_coda_layers=1,
+        num_coda_layers=0,
         mean_loops=6,
         grad_steps=4,
         max_train_loops=32,
