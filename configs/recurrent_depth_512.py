@@ -1,7 +1,8 @@
 """A d_model=512 recurrent-depth model on byte-level text, sized for CPU benchmarks.
 
 Used by ``scripts/bench_train.py``: one train step at mean_loops=8, grad_steps=8 (batch 2 x 256
-tokens) takes a few seconds on a 2-core CPU. Layout 1/2/1 (prelude / core / coda), 8 heads x 64.
+tokens) takes a few seconds on a 2-core CPU. Layout 1/2/1 (prelude / core / coda), 8 heads x 64,
+remat of everything but the projections.
 """
 
 from looped_jax.config import CheckpointConfig, ExperimentConfig, OptimConfig, TrainConfig
@@ -24,6 +25,10 @@ def get_config() -> ExperimentConfig:
         grad_steps=8,
         max_train_loops=64,
         eval_loops=8,
+        # Save the projections' outputs, recompute the rest (attention scores, norms, SwiGLU
+        # activations) in the backward pass: less residual traffic through the loop's scan, so
+        # faster on CPU (one train step at r = 8: 1.43 s against 1.65 s without remat).
+        remat_policy="dots_with_no_batch_dims_saveable",
     )
     return ExperimentConfig(
         model=model,

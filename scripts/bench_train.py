@@ -40,7 +40,8 @@ FLOPS_FORMULA = (
     "model FLOPs/token = 3*F_once + (r + 2*min(r, k))*F_core  (forward once + r core loops, backward = "
     "2x forward for prelude/coda/head and the min(r, k) differentiated core loops). "
     "Hardware FLOPs also count the masked grad-phase iterations and remat: forward max(r, k) core "
-    "loops, backward 2*k, plus k recomputed forwards when remat_policy is set. "
+    "loops, backward 2*k, plus k times the matmul FLOPs the remat policy recomputes (a whole core "
+    "loop for nothing_saveable, attention's QK^T and PV for dots_with_no_batch_dims_saveable). "
     "Embedding lookup, norms, softmax, RoPE and the optimizer are not counted."
 )
 
@@ -91,9 +92,23 @@ def step_flops(model_cfg, seq_len: int, tokens: int, r: int) -> tuple[float, flo
     per = flops_per_token(model_cfg, seq_len)
     k = model_cfg.grad_steps
     model = 3 * per["once"] + (r + 2 * min(r, k)) * per["core"]
-    remat = k if model_cfg.remat_policy else 0
-    hardware = 3 * per["once"] + (max(r, k) + 2 * k + remat) * per["core"]
+    hardware = 3 * per["once"] + (max(r, k) + 2 * k) * per["core"] + k * remat_flops_per_token(model_cfg, seq_len)
     return model * tokens, hardware * tokens
+
+
+def remat_flops_per_token(model_cfg, seq_len: int) -> float:
+    """Matmul FLOPs per token one differentiated core loop recomputes in its backward pass.
+
+    nothing_saveable recomputes the whole loop; dots_with_no_batch_dims_saveable keeps the
+    projections (2-D matmuls) and recomputes attention's batched QK^T / PV; dots_saveable and
+    everything_saveable keep every matmul output (only elementwise work is recomputed).
+    """
+    policy = model_cfg.remat_policy
+    if policy == "nothing_saveable":
+        return flops_per_token(model_cfg, seq_len)["core"]
+    if policy == "dots_with_no_batch_dims_saveable":
+        return float(4 * seq_len * model_cfg.num_heads * model_cfg.head_dim * model_cfg.num_core_layers)
+    return 0.0
 
 
 # ---------------------------------------------------------------------------------------------

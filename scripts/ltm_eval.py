@@ -43,6 +43,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior initialisation and eps")
     p.add_argument("--output", default="runs/ltm_eval")
     p.add_argument("--set", action="append", default=[], help="LTM config override, e.g. model.init_logvar=0")
+    p.add_argument("--set_ar", action="append", default=[], help="AR baseline config override")
+    p.add_argument("--set_both", action="append", default=[], help="override for both models, e.g. data.seq_len=128")
     args = p.parse_args()
 
     import jax
@@ -74,7 +76,9 @@ def main() -> int:
         entry["train_metrics"] = history["train"]
         return cfg, trainer, state, entry
 
-    ltm_cfg, trainer, state, entry = train(args.ltm_config, "ltm", dict(kv.split("=", 1) for kv in args.set))
+    ltm_cfg, trainer, state, entry = train(
+        args.ltm_config, "ltm", dict(kv.split("=", 1) for kv in args.set_both + args.set)
+    )
     batches = make_eval_batches(ltm_cfg.data, "validation", args.eval_batch_size, max_batches=args.eval_batches)
     rng = jax.random.key(args.seed)
     graphdef = trainer.graphdef
@@ -113,7 +117,9 @@ def main() -> int:
     jax.clear_caches()
 
     if args.ar_config:
-        _, ar_trainer, ar_state, ar_entry = train(args.ar_config, "ar_baseline")
+        _, ar_trainer, ar_state, ar_entry = train(
+            args.ar_config, "ar_baseline", dict(kv.split("=", 1) for kv in args.set_both + args.set_ar)
+        )
         ev = ar_trainer.evaluate(
             ar_state.params, "validation", num_batches=args.eval_batches, batch_size=args.eval_batch_size
         )

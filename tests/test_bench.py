@@ -1,5 +1,6 @@
 """Smoke tests of scripts/bench_train.py on a tiny recurrent-depth model and byte corpus."""
 
+import dataclasses
 import importlib.util
 import math
 from pathlib import Path
@@ -47,11 +48,30 @@ def test_step_flops_formula():
     cfg = load_config(ROOT / "configs" / "recurrent_depth_512.py").model
     per = bench.flops_per_token(cfg, 256)
     k = cfg.grad_steps
+    cfg = dataclasses.replace(cfg, remat_policy="")
     model, hardware = bench.step_flops(cfg, 256, 1, 3)  # r < k: masked grad steps still run
     assert model == 3 * per["once"] + (3 + 2 * 3) * per["core"]
     assert hardware == 3 * per["once"] + (k + 2 * k) * per["core"]
     model, hardware = bench.step_flops(cfg, 256, 1, 20)  # r > k: every computed FLOP is useful
     assert model == hardware == 3 * per["once"] + (20 + 2 * k) * per["core"]
+
+
+def test_remat_flops_by_policy():
+    cfg = load_config(ROOT / "configs" / "recurrent_depth_512.py").model
+    per = bench.flops_per_token(cfg, 256)
+    attention = 4 * 256 * cfg.num_heads * cfg.head_dim * cfg.num_core_layers
+    expected = {
+        "": 0.0,
+        "dots_saveable": 0.0,
+        "everything_saveable": 0.0,
+        "dots_with_no_batch_dims_saveable": attention,
+        "nothing_saveable": per["core"],
+    }
+    for policy, flops in expected.items():
+        c = dataclasses.replace(cfg, remat_policy=policy)
+        assert bench.remat_flops_per_token(c, 256) == flops
+        model, hardware = bench.step_flops(c, 256, 1, 20)
+        assert hardware - model == cfg.grad_steps * flops
 
 
 def test_quick_train_benchmark(corpus_args):

@@ -35,6 +35,7 @@ from looped_jax.nn import (
     takase_std,
     truncated_normal,
 )
+from looped_jax.nn.linear import dense
 from looped_jax.recurrence import REMAT_POLICIES, iterate_to_convergence, unroll
 from looped_jax.train.losses import cross_entropy
 
@@ -141,7 +142,7 @@ class RecurrentCore(nnx.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         """One loop iteration. ``caches`` (optional) stacks one KVCache per core layer on axis 0."""
         se_BTE = jnp.concatenate([s_BTD, e_BTD], axis=-1).astype(self.dtype)
-        x_BTD = jnp.einsum("bte,ed->btd", se_BTE, self.adapter_ED[...].astype(self.dtype)).astype(jnp.float32)
+        x_BTD = dense(se_BTE, self.adapter_ED[...].astype(self.dtype)).astype(jnp.float32)
         per_layer = None
         if caches is not None:
             per_layer = [jax.tree.map(lambda a, i=i: a[i], caches) for i in range(len(self.blocks))]

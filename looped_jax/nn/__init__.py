@@ -4,6 +4,7 @@ from looped_jax.nn.attention import MASK_KINDS, Attention, KVCache, attention_ma
 from looped_jax.nn.blocks import NORM_STYLES, Block, BlockConfig, apply_stack
 from looped_jax.nn.embed import Embed, Unembed
 from looped_jax.nn.init import lecun_truncated, param, resolve_dtype, takase_std, truncated_normal
+from looped_jax.nn.linear import dense, dense_t
 from looped_jax.nn.mlp import SwiGLU
 from looped_jax.nn.norms import RMSNorm
 from looped_jax.nn.rotary import apply_rope, rope_frequencies
@@ -22,6 +23,8 @@ __all__ = [
     "apply_rope",
     "apply_stack",
     "attention_mask",
+    "dense",
+    "dense_t",
     "lecun_truncated",
     "param",
     "resolve_dtype",

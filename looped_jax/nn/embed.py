@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from looped_jax.nn.init import param, truncated_normal
+from looped_jax.nn.linear import dense, dense_t
 
 
 class Embed(nnx.Module):
@@ -21,11 +22,8 @@ class Embed(nnx.Module):
         return jnp.take(self.table_VD[...], tokens_BT, axis=0).astype(self.dtype)
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
-        return jnp.einsum(
-            "btd,vd->btv",
-            x_BTD.astype(self.dtype),
-            self.table_VD[...].astype(self.dtype),
-            preferred_element_type=jnp.float32,
+        return dense_t(
+            x_BTD.astype(self.dtype), self.table_VD[...].astype(self.dtype), preferred_element_type=jnp.float32
         )
 
 
@@ -37,9 +35,4 @@ class Unembed(nnx.Module):
         self.w_DV = param(truncated_normal(rngs.params(), (d_model, vocab_size), init_std), ("embed", "vocab"))
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
-        return jnp.einsum(
-            "btd,dv->btv",
-            x_BTD.astype(self.dtype),
-            self.w_DV[...].astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        return dense(x_BTD.astype(self.dtype), self.w_DV[...].astype(self.dtype), preferred_element_type=jnp.float32)

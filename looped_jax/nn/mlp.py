@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from looped_jax.nn.init import param, truncated_normal
+from looped_jax.nn.linear import dense
 
 
 class SwiGLU(nnx.Module):
@@ -27,7 +28,7 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         x = x_BTD.astype(self.dtype)
-        gate_BTF = jnp.einsum("btd,df->btf", x, self.gate_DF[...].astype(self.dtype))
-        up_BTF = jnp.einsum("btd,df->btf", x, self.up_DF[...].astype(self.dtype))
+        gate_BTF = dense(x, self.gate_DF[...].astype(self.dtype))
+        up_BTF = dense(x, self.up_DF[...].astype(self.dtype))
         h_BTF = jax.nn.silu(gate_BTF) * up_BTF
-        return jnp.einsum("btf,fd->btd", h_BTF, self.down_FD[...].astype(self.dtype))
+        return dense(h_BTF, self.down_FD[...].astype(self.dtype))
