@@ -1,7 +1,10 @@
-"""GRAM (Baek et al. 2026) on 6x6 sudoku, CPU-sized: d_model 64, ~15 minutes of training on 2 busy cores.
+"""GRAM (Baek et al. 2026) on 4x4 Sudoku, CPU-sized: d_model 64, 3,000 steps (~7 minutes on 2 cores).
 
-6x6 (2x3 boxes, minimal puzzles, ~10 givens of 36) rather than 4x4: a d_model-64 GRAM solves 4x4 exactly
-within 100 steps, which leaves nothing for width or depth to improve.
+The 4x4 generator and sizes of the HRM / TRM CPU runs (3,000 training puzzles, here stored with 3 augmented
+copies each rather than augmented on the fly; 500 test puzzles from symmetry classes never seen in
+training). 300 steps on
+6x6 solved no test puzzle; 3,000 steps on 4x4 solve 0.55 with one trajectory at depth 8 and 0.72 with
+16 trajectories chosen by the reward head.
 
     python scripts/train.py --config configs/gram_sudoku_cpu.py
     python scripts/gram_eval.py --config configs/gram_sudoku_cpu.py   # accuracy vs N trajectories and depth
@@ -18,17 +21,17 @@ from looped_jax.models.gram import GramConfig
 def get_config() -> ExperimentConfig:
     data = DataConfig(
         name="sudoku",
-        seq_len=36,
-        sudoku_size=6,
-        num_train=5000,
-        num_test=256,
+        seq_len=16,
+        sudoku_size=4,
+        num_train=3000,
+        num_test=500,
         sudoku_num_aug=3,
         sudoku_hard_rating=0,
         seed=0,
     )
     model = GramConfig(
-        vocab_size=8,
-        seq_len=36,
+        vocab_size=6,
+        seq_len=16,
         d_model=64,
         num_heads=4,
         head_dim=16,
@@ -51,11 +54,11 @@ def get_config() -> ExperimentConfig:
         data=data,
         optim=OptimConfig(learning_rate=2e-3, warmup_steps=50, weight_decay=0.1, end_learning_rate_ratio=0.1),
         train=TrainConfig(
-            num_steps=300,
+            num_steps=3000,
             global_batch_size=64,
-            log_every=50,
+            log_every=250,
             eval_batches=4,
             output_dir="runs/gram_sudoku_cpu",
         ),
-        checkpoint=CheckpointConfig(save_every=50, keep=2, async_save=False),
+        checkpoint=CheckpointConfig(save_every=500, keep=2, async_save=False),
     )
