@@ -44,6 +44,7 @@ def main() -> int:
     p.add_argument("--output", default="runs/ltm_eval")
     p.add_argument("--set", action="append", default=[], help="LTM config override, e.g. model.init_logvar=0")
     p.add_argument("--set_ar", action="append", default=[], help="AR baseline config override")
+    p.add_argument("--ar_name", default="ar_baseline", help="results key and run directory of the AR baseline")
     p.add_argument("--set_both", action="append", default=[], help="override for both models, e.g. data.seq_len=128")
     args = p.parse_args()
 
@@ -118,7 +119,7 @@ def main() -> int:
 
     if args.ar_config:
         _, ar_trainer, ar_state, ar_entry = train(
-            args.ar_config, "ar_baseline", dict(kv.split("=", 1) for kv in args.set_both + args.set_ar)
+            args.ar_config, args.ar_name, dict(kv.split("=", 1) for kv in args.set_both + args.set_ar)
         )
         ev = ar_trainer.evaluate(
             ar_state.params, "validation", num_batches=args.eval_batches, batch_size=args.eval_batch_size
@@ -127,7 +128,7 @@ def main() -> int:
             ppl=math.exp(ev["loss"]), nll_per_token=ev["loss"], accuracy=ev["accuracy"], num_tokens=ev["num_tokens"]
         )
         print(f"AR baseline: ppl={ar_entry['ppl']:.4g} nll={ev['loss']:.4g} acc={ev['accuracy']:.4g}", flush=True)
-        results["ar_baseline"] = ar_entry
+        results[args.ar_name] = ar_entry
 
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "elbo_ppl_vs_inner_steps.png")
@@ -146,8 +147,10 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.plot(ks, [elbo[str(k)]["elbo_ppl"] for k in ks], "o-", label="LTM ELBO perplexity exp((NLL+KL)/N)")
     ax.plot(ks, [elbo[str(k)]["recon_ppl"] for k in ks], "s--", label="LTM reconstruction exp(NLL/N) (no KL)")
-    if "ar_baseline" in results:
-        ax.axhline(results["ar_baseline"]["ppl"], color="k", ls=":", label="AR baseline perplexity (equal params)")
+    for style, (name, entry) in zip(
+        (":", "-."), ((k, v) for k, v in results.items() if k.startswith("ar")), strict=False
+    ):
+        ax.axhline(entry["ppl"], color="k", ls=style, label=f"{name} perplexity (equal params)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("inner (posterior) steps on the evaluated text")

@@ -54,9 +54,11 @@ class LoopedConfig:
     norm_eps: float = 1e-6
     dtype: str = "float32"
     remat_policy: str = ""
+    window: int = 0  # > 0: causal sliding-window attention over this many tokens (incl. the current)
 
     def __post_init__(self):
         _check(self.name == "looped", "name", "'looped'", self.name)
+        _check(self.window >= 0, "window", ">= 0 (0 = full causal attention)", self.window)
         for f in ("vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
             _check(getattr(self, f) >= 1, f, ">= 1", getattr(self, f))
         _check(self.num_layers >= 1, "num_layers", ">= 1", self.num_layers)
@@ -87,7 +89,8 @@ class LoopedConfig:
             mlp_dim=self.mlp_dim,
             norm_style="pre",
             norm_eps=self.norm_eps,
-            mask_kind="causal",
+            mask_kind="sliding" if self.window else "causal",
+            window=self.window,
             rope_theta=self.rope_theta,
             dtype=self.dtype,
         )

@@ -99,3 +99,21 @@ def test_overfit(kw):
 def test_bad_config(field, value):
     with pytest.raises(ValueError, match=f"model.{field}"):
         dataclasses.replace(TINY, **{field: value})
+
+
+def test_sliding_window_limits_the_receptive_field():
+    # One layer, one loop, window 4: the logits at position t see tokens t-3..t only.
+    model = make(num_layers=1, num_loops=1, share_weights=False, window=4)
+    x = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (1, 12)), jnp.int32)
+    x2 = x.at[0, 2].set((x[0, 2] + 1) % TINY.vocab_size)
+    a, b = np.asarray(call(model, x)), np.asarray(call(model, x2))
+    changed = np.abs(a - b).max(-1)[0] > 1e-6
+    assert changed.tolist() == [False, False, True, True, True, True] + [False] * 6
+    full = make(num_layers=1, num_loops=1, share_weights=False)
+    changed = np.abs(np.asarray(call(full, x)) - np.asarray(call(full, x2))).max(-1)[0] > 1e-6
+    assert changed[2:].all() and not changed[:2].any()
+
+
+def test_window_must_be_non_negative():
+    with pytest.raises(ValueError, match="model.window"):
+        dataclasses.replace(TINY, window=-1)
