@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from looped_jax.data import puzzles
-from looped_jax.data.config import DataConfig
+from looped_jax.data.config import DataConfig, config_digest
 from looped_jax.data.pipeline import DatasetSpec, register_dataset
 
 PAD, EOS, COLOUR0 = 0, 1, 2
@@ -266,7 +266,7 @@ class ArcConfig(tfds.core.BuilderConfig):
     def from_data_config(cls, cfg: DataConfig) -> "ArcConfig":
         arc_dir = os.path.abspath(os.path.expanduser(cfg.arc_dir)) if cfg.arc_dir else ""
         params = dict(arc_dir=arc_dir, num_aug=cfg.arc_num_aug, seed=cfg.seed)
-        return cls(name=f"a{cfg.arc_num_aug}_s{cfg.seed}_{puzzles.config_digest(params)}", **params)
+        return cls(name=f"a{cfg.arc_num_aug}_s{cfg.seed}_{config_digest(params)}", **params)
 
 
 class Arc(tfds.core.GeneratorBasedBuilder):

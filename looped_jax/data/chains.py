@@ -22,12 +22,11 @@ each other (checked on a canonical form: sorted assignments plus the query).
 """
 
 import dataclasses
-import hashlib
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from looped_jax.data.config import DataConfig, chains_problem_length
+from looped_jax.data.config import DataConfig, chains_problem_length, config_digest
 
 PAD = 0
 BOS = 1
@@ -196,7 +195,7 @@ class VariableChainsConfig(tfds.core.BuilderConfig):
         )
         if cfg.chains_order != "random":  # keeps the names of existing random-order builds
             params["order"] = cfg.chains_order
-        digest = hashlib.sha1(repr(sorted(params.items())).encode()).hexdigest()[:8]
+        digest = config_digest(params)
         name = (
             f"v{cfg.num_vars}_a{cfg.num_assignments}_h{cfg.train_min_hops}-{cfg.train_max_hops}"
             f"_n{cfg.num_train}_s{cfg.seed}{'_topo' if cfg.chains_order == 'topological' else ''}_{digest}"

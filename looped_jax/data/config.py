@@ -7,7 +7,15 @@ tuple[int, ...]) so generic command-line overrides can set it by name.
 """
 
 import dataclasses
+import hashlib
 import os
+from typing import Any
+
+
+def config_digest(params: dict[str, Any]) -> str:
+    """Short stable hash of a TFDS builder's parameters (names its build directory)."""
+    return hashlib.sha1(repr(sorted(params.items())).encode()).hexdigest()[:8]
+
 
 DATASET_NAMES = ("chains", "bytes_text", "passkey", "niah", "assoc_recall", "sudoku", "maze", "arc")
 

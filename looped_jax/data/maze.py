@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from looped_jax.data import puzzles
-from looped_jax.data.config import DataConfig
+from looped_jax.data.config import DataConfig, config_digest
 from looped_jax.data.pipeline import DatasetSpec, register_dataset
 
 PAD, WALL, OPEN, START, GOAL, PATH = 0, 1, 2, 3, 4, 5
@@ -266,9 +266,7 @@ class MazeConfig(tfds.core.BuilderConfig):
             generator=cfg.maze_generator,
             min_path_len=resolved_min_path_len(cfg.maze_size, cfg.maze_min_path_len),
         )
-        name = (
-            f"m{cfg.maze_size}_n{cfg.num_train}_p{params['min_path_len']}_s{cfg.seed}_{puzzles.config_digest(params)}"
-        )
+        name = f"m{cfg.maze_size}_n{cfg.num_train}_p{params['min_path_len']}_s{cfg.seed}_{config_digest(params)}"
         return cls(name=name, **params)
 
 

@@ -31,12 +31,11 @@ and ``test_len{L}`` for each L in ``niah_test_lens``, deterministic from ``data.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from looped_jax.data.config import DataConfig
+from looped_jax.data.config import DataConfig, config_digest
 from looped_jax.data.pipeline import DatasetSpec, register_dataset
 
 PAD, BOS, NEEDLE, IS, QUERY = 0, 1, 2, 3, 4
@@ -205,7 +204,7 @@ class NiahConfig(tfds.core.BuilderConfig):
             num_test=cfg.num_test,
             seed=cfg.seed,
         )
-        digest = hashlib.sha1(repr(sorted(params.items())).encode()).hexdigest()[:8]
+        digest = config_digest(params)
         kind = cfg.niah_kind if cfg.name == "niah" else f"p{cfg.niah_num_pairs}"
         return cls(name=f"{cfg.name}_{kind}_t{cfg.seq_len}_n{cfg.num_train}_s{cfg.seed}_{digest}", **params)
 

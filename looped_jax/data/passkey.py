@@ -21,12 +21,11 @@ rebuilds the tokens from them. Splits: ``train`` (rows of seq_len inputs, or len
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from looped_jax.data.config import DataConfig
+from looped_jax.data.config import DataConfig, config_digest
 from looped_jax.data.pipeline import DatasetSpec, register_dataset
 
 PAD = 0
@@ -117,7 +116,7 @@ class PassKeyConfig(tfds.core.BuilderConfig):
             num_test=cfg.num_test,
             seed=cfg.seed,
         )
-        digest = hashlib.sha1(repr(sorted(params.items())).encode()).hexdigest()[:8]
+        digest = config_digest(params)
         return cls(name=f"t{cfg.seq_len}_k{cfg.passkey_digits}_n{cfg.num_train}_s{cfg.seed}_{digest}", **params)
 
 

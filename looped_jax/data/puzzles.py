@@ -7,19 +7,11 @@ token ids (PAD = 0); the loss is on every cell (`weights` = 1), `segment_ids` = 
 the puzzle (variant) for a puzzle-identifier embedding; 0 means "no identifier".
 """
 
-import hashlib
-from typing import Any
-
 import numpy as np
 
 Batch = dict[str, np.ndarray]
 
 NUM_DIHEDRAL = 8  # the symmetries of the square: 4 rotations x optional transpose
-
-
-def config_digest(params: dict[str, Any]) -> str:
-    """Short stable hash of builder parameters (names a build directory)."""
-    return hashlib.sha1(repr(sorted(params.items())).encode()).hexdigest()[:8]
 
 
 def check_seq_len(seq_len: int, cells: int, what: str) -> None:

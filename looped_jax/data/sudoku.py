@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from looped_jax.data import puzzles
-from looped_jax.data.config import DataConfig
+from looped_jax.data.config import DataConfig, config_digest
 from looped_jax.data.pipeline import DatasetSpec, register_dataset
 
 PAD = 0
@@ -455,7 +455,7 @@ def resolved_hard_rating(size: int, hard_rating: int) -> int:
 
 def _is_test_class(key: bytes, seed: int) -> bool:
     """Equivalence classes reserved for evaluation (a fifth of them, by hash): train never uses them."""
-    return puzzles.config_digest({"key": key, "seed": seed}) < "33333333"
+    return config_digest({"key": key, "seed": seed}) < "33333333"
 
 
 @dataclasses.dataclass
@@ -483,9 +483,7 @@ class SudokuConfig(tfds.core.BuilderConfig):
             hard_rating=resolved_hard_rating(cfg.sudoku_size, cfg.sudoku_hard_rating),
             num_aug=cfg.sudoku_num_aug,
         )
-        name = (
-            f"s{cfg.sudoku_size}_n{cfg.num_train}_r{cfg.sudoku_min_rating}_s{cfg.seed}_{puzzles.config_digest(params)}"
-        )
+        name = f"s{cfg.sudoku_size}_n{cfg.num_train}_r{cfg.sudoku_min_rating}_s{cfg.seed}_{config_digest(params)}"
         return cls(name=name, **params)
 
 
