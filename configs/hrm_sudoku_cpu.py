@@ -1,4 +1,4 @@
-"""Tiny HRM on 4x4 Sudoku for a CPU run of minutes (scripts/evaluate.py --train_steps ...).
+"""Tiny HRM on 4x4 Sudoku for a CPU run of minutes (scripts/evaluate.py --configs ... --steps ...).
 
 d 64, one H and one L layer (N = T = 2), ACT up to 8 segments. Same parameter count as
 transformer_sudoku_cpu.py (2 layers, no recursion) and trm_sudoku_cpu.py (one 2-layer net).

@@ -9,8 +9,8 @@ The outer learning rate is higher than the paper's 4e-4 because the run is only 
 The posterior settings are the paper's (log sigma^2_0 = -5, one eps fixed over the inner loop). At
 this size the 16-step KL stays ~8 nats/token (Adam moves log sigma^2 by ~lr per step, so it cannot
 leave -5 in 16 steps) and the decoder learns to exploit the fitted eps; the variant
-``--set model.init_logvar=0.0 --set model.resample_eps=True`` (posterior started at the prior's
-variance, fresh eps per inner step) trains as ordinary stochastic VI. Numbers: scripts/ltm_eval.py.
+``configs/ltm_cpu_vi.py`` (``model.init_logvar=0``, ``model.resample_eps=True``: posterior started at
+the prior's variance, fresh eps per inner step) trains as ordinary stochastic VI. Numbers: scripts/ltm_eval.py.
 """
 
 from looped_jax.config import CheckpointConfig, ExperimentConfig, OptimConfig, TrainConfig

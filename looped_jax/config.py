@@ -14,6 +14,7 @@ import importlib.util
 import json
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,11 @@ def check_field(ok: bool, field: str, expected: str, got: Any) -> None:
     """Raises a ValueError naming the config ``field`` and what it expected, unless ``ok``."""
     if not ok:
         raise ValueError(f"config field {field} must be {expected}, got {got!r}")
+
+
+def check_model_field(ok: bool, field: str, expected: str, got: Any) -> None:
+    """`check_field` for a field of the model config (named ``model.<field>`` in the error)."""
+    check_field(ok, f"model.{field}", expected, got)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +76,13 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     eval_batches: int = 8
     output_dir: str = "runs/default"
+    # Wall-clock budget of one Trainer.fit call in minutes (0 = none): training stops after the first
+    # step that ends past it, with that step logged, checkpointed (if enabled) and returned.
+    max_minutes: float = 0.0
 
     def __post_init__(self):
         check_field(self.num_steps >= 1, "train.num_steps", ">= 1", self.num_steps)
+        check_field(self.max_minutes >= 0, "train.max_minutes", ">= 0 (0 = no budget)", self.max_minutes)
         check_field(self.global_batch_size >= 1, "train.global_batch_size", ">= 1", self.global_batch_size)
         check_field(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
         check_field(self.eval_every >= 0, "train.eval_every", ">= 0", self.eval_every)
@@ -208,27 +218,62 @@ def _parse_bool(value: str) -> bool:
     raise ValueError(value)
 
 
-def parse_cli_overrides(argv: list[str]) -> tuple[str | None, dict[str, str]]:
-    """Splits ``--config PATH --config.a.b=v [--config.c.d v]`` into (path, overrides)."""
-    path, overrides, i = None, {}, 0
+def parse_override_groups(argv: Sequence[str], prefixes: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Splits ``--{prefix}.a.b=v`` (or ``--{prefix}.a.b v``) arguments into one overrides dict per prefix.
+
+    A script with one config uses the prefix ``config``; one that trains two configs side by side (the
+    LTM and its AR baseline) gives each its own prefix, named like the flag of its config file. Any
+    other argument is an error naming it, so a misspelt flag never passes silently.
+    """
+    groups: dict[str, dict[str, str]] = {p: {} for p in prefixes}
+    expected = " or ".join(f"--{p}.field=value" if "." in p else f"--{p}.section.field=value" for p in prefixes)
+    i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg == "--config" or arg.startswith("--config="):
-            path = arg.split("=", 1)[1] if "=" in arg else argv[(i := i + 1)]
-        elif arg.startswith("--config."):
-            key = arg[len("--config.") :]
-            if "=" in key:
-                key, val = key.split("=", 1)
-            else:
-                i += 1
-                if i >= len(argv):
-                    raise ValueError(f"override --config.{key} has no value")
-                val = argv[i]
-            overrides[key] = val
+        prefix = next((p for p in prefixes if arg.startswith(f"--{p}.")), None)
+        if prefix is None:
+            raise ValueError(f"unexpected argument {arg!r}; config overrides look like {expected}")
+        key = arg[len(prefix) + 3 :]
+        if "=" in key:
+            key, value = key.split("=", 1)
         else:
-            raise ValueError(f"unexpected argument {arg!r}; expected --config PATH and --config.field=value")
+            i += 1
+            if i >= len(argv) or argv[i].startswith("--"):
+                raise ValueError(f"override --{prefix}.{key} has no value; write --{prefix}.{key}=value")
+            value = argv[i]
+        if not key or any(not part for part in key.split(".")):
+            raise ValueError(f"override {arg!r} must name a field, as in --{prefix}.model.num_loops=8")
+        if key in groups[prefix]:
+            raise ValueError(f"override --{prefix}.{key} is given twice")
+        groups[prefix][key] = value
         i += 1
-    return path, overrides
+    return groups
+
+
+def parse_overrides(argv: Sequence[str], prefix: str = "config") -> dict[str, str]:
+    """``--config.a.b=v`` arguments -> ``{"a.b": "v"}`` (for `apply_overrides`); anything else is an error.
+
+    Scripts parse their own flags with ``argparse``'s ``parse_known_args`` and hand the rest here.
+    """
+    return parse_override_groups(argv, (prefix,))[prefix]
+
+
+def parse_cli_overrides(argv: Sequence[str]) -> tuple[str | None, dict[str, str]]:
+    """Splits ``--config PATH --config.a.b=v [--config.c.d v]`` into (path, overrides)."""
+    path, rest, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ValueError("--config needs a config file path")
+            path, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return path, parse_overrides(rest)
 
 
 def to_dict(cfg: Any) -> dict:

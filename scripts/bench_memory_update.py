@@ -6,7 +6,10 @@ One line per (implementation, length): forward time (median of --repeats after a
 tokens/s; with --grad also forward+backward. Implementations: "kernel" (ops impl="pallas", only on TPU/GPU),
 "chunked" (ops impl="xla") and "scan" (reference.memory_update_reference: the same chunk-start-gradient recurrence
 written token by token; skipped above --max-scan-length). The last line compares chunked and scan outputs.
-On CPU the default lengths are short so the run ends in about a minute.
+On CPU the default lengths are short so the run ends in about a minute. The table (rows: length; columns: forward
+and forward+backward ms per implementation) goes to ``runs/<name>/results.md``, the JSON lines to ``results.json``:
+
+    python scripts/bench_memory_update.py --grad          # the README's CPU numbers (1k and 4k tokens)
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from looped_jax.results import Table, write_results  # noqa: E402
 from pallas_kernels.memory_update import MemoryState, memory_update, memory_update_reference  # noqa: E402
 
 
@@ -69,6 +73,7 @@ def main(argv=None) -> None:
     p.add_argument("--max_scan_length", type=int, default=16384 if on_accel else 4096)
     p.add_argument("--repeats", type=int, default=5 if on_accel else 2)
     p.add_argument("--grad", action="store_true", help="also time forward+backward")
+    p.add_argument("--name", default="bench_memory_update", help="results go to runs/<name>/")
     args = p.parse_args(argv)
 
     impls = args.impls.split(",")
@@ -81,6 +86,7 @@ def main(argv=None) -> None:
         "scan": functools.partial(memory_update_reference, chunk_size=args.chunk_size, memory=args.memory),
     }
     device = jax.devices()[0].device_kind
+    records = []
     for T in (int(t) for t in args.lengths.split(",")):
         inputs = make_inputs(args.batch, args.heads, T, args.d_k, args.d_v, args.memory, args.hidden)
         outs = {}
@@ -109,11 +115,37 @@ def main(argv=None) -> None:
                 gsec, gcompile, _ = timed(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)), inputs, args.repeats)
                 row.update(fwd_bwd_ms=round(gsec * 1e3, 3), fwd_bwd_compile_s=round(gcompile, 2))
             print(json.dumps(row), flush=True)
+            records.append(row)
         base = outs.get("scan")
         for name, y in outs.items():
             if name != "scan" and base is not None:
                 err = float(jnp.max(jnp.abs(y.astype(jnp.float32) - base)))
-                print(json.dumps({"check": f"max|{name} - scan|", "T": T, "value": err}), flush=True)
+                check = {"check": f"max|{name} - scan|", "T": T, "value": err}
+                print(json.dumps(check), flush=True)
+                records.append(check)
+    table = results_table(records, impls, args, device)
+    out = write_results(args.name, [table], records)
+    print("\n" + table.markdown() + f"\n\nwrote {out / 'results.md'}", file=sys.stderr, flush=True)
+
+
+def results_table(records: list[dict], impls: list[str], args, device: str) -> Table:
+    """Rows: sequence length; columns: forward (and forward+backward) milliseconds of each implementation."""
+    timed = {(r["impl"], r["T"]): r for r in records if "impl" in r}
+    modes = [("fwd_ms", "forward")] + ([("fwd_bwd_ms", "fwd+bwd")] if args.grad else [])
+    header = ["tokens"] + [f"{impl} {label} (ms)" for key, label in modes for impl in impls]
+    rows = []
+    for T in sorted({r["T"] for r in records if "impl" in r}):
+        cells = [f"{T:,}"]
+        for key, _ in modes:
+            for impl in impls:
+                r = timed.get((impl, T))
+                cells.append("" if r is None else f"{r[key]:.1f}")
+        rows.append(cells)
+    caption = (
+        f"{device}, B={args.batch}, H={args.heads}, d_k={args.d_k}, d_v={args.d_v}, chunk {args.chunk_size}, "
+        f"{args.memory} memory; median of {args.repeats} runs after a warmup."
+    )
+    return Table(header, rows, title="Titans memory update timings", caption=caption)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
     python scripts/bench_train.py [--config configs/recurrent_depth_512.py] [--steps 10] \
         [--config.model.mean_loops=8] [--quick] [--skip_compile_scan] [--skip_memory] [--skip_profile]
 
+Writes the README table (tokens/s, MFU, compile times, compiled temp memory) to ``runs/<name>/results.md``
+and the whole JSON object to ``results.json``.
+
 Measures, in one run (progress goes to stderr):
   1. the backend's matmul peak (a jitted square matmul, best of several runs after warmup);
   2. train-step throughput on real batches (tokens/s, s/step, the sampled loop counts r);
@@ -23,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -156,8 +160,10 @@ def compile_train_step(cfg) -> tuple[float, float, int]:
 
 
 def _temp_bytes(compiled) -> int:
-    mem = compiled.memory_analysis()
-    return -1 if mem is None else int(mem.temp_size_in_bytes)
+    from looped_jax.results import temp_bytes
+
+    n = temp_bytes(compiled)
+    return -1 if n is None else n
 
 
 def compile_forward(trainer, num_loops: int) -> tuple[float, int]:
@@ -179,7 +185,7 @@ def static_loss_grad_temp_bytes(trainer, num_loops: int) -> int:
     """Temp bytes of value_and_grad of the loss with ``num_loops`` static (unroll's static path)."""
     import jax
 
-    from looped_jax.train.losses import cross_entropy
+    from looped_jax.losses import cross_entropy
 
     def loss(params, batch):
         logits, _ = trainer.model(params).forward(
@@ -354,34 +360,36 @@ def quick_overrides(cfg):
 
 
 def run(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="a recurrent-depth config file")
     parser.add_argument("--steps", type=int, default=10, help="timed train steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    parser.add_argument("--data_dir", default="", help="TFDS data directory (default: the config's)")
     parser.add_argument("--matmul_size", type=int, default=0, help="matmul size for the peak (0: 2048, quick 256)")
     parser.add_argument("--skip_compile_scan", action="store_true", help="skip compile times at 4 vs 64 loops")
     parser.add_argument("--skip_memory", action="store_true", help="skip the compiled temp memory comparison")
     parser.add_argument("--skip_profile", action="store_true", help="skip the per-piece timing breakdown")
+    parser.add_argument("--name", default="bench_train", help="the table goes to runs/<name>/results.md")
     args, rest = parser.parse_known_args(argv)
 
     import jax
 
-    from looped_jax.config import apply_overrides, load_config, parse_cli_overrides
+    from looped_jax.config import apply_overrides, load_config, parse_overrides
 
-    path, overrides = parse_cli_overrides(rest)
-    path = path or DEFAULT_CONFIG
+    overrides = parse_overrides(rest)  # --config.section.field=value
+    path = args.config
     cfg = load_config(path)
     if args.quick:
         cfg = quick_overrides(cfg)
-    if args.data_dir:
-        overrides["data.data_dir"] = args.data_dir
     overrides.setdefault("checkpoint.enabled", "false")
     cfg = apply_overrides(cfg, overrides)
     if cfg.model.name != "recurrent_depth":
         raise ValueError(f"bench_train measures recurrent-depth configs, got model.name={cfg.model.name!r}")
 
     result: dict = {
+        "name": args.name,
         "config": path,
         "overrides": overrides,
         "quick": args.quick,
@@ -454,8 +462,74 @@ def run(argv: list[str]) -> dict:
     return result
 
 
+def _mb(n: int) -> str:
+    """Bytes as the README writes them: 668 MB, 1.72 GB (powers of 10)."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def results_table(result: dict):
+    """The README's measure / value table from ``run``'s result (rows for the parts that were measured)."""
+    from looped_jax.results import Table
+
+    peak = result["peak_used_for_mfu"]
+    rows = [
+        ["tokens/s", f"{result['tokens_per_s']:.0f}"],
+        [
+            f"MFU against the {'f32' if peak['dtype'] == 'float32' else 'bf16'} matmul peak measured in the same run "
+            f"({peak['flops_per_s'] / 1e9:.0f} GFLOP/s)",
+            f"{result['mfu']:.2f} (HFU {result['hfu']:.2f})",
+        ],
+    ]
+    c = result.get("compile_s")
+    if c:
+        rows.append(
+            [
+                "train-step compile time, mean_loops 4 vs 64",
+                f"{c['train_compile_s_4']:.2f} s vs {c['train_compile_s_64']:.2f} s "
+                f"(ratio {c['train_ratio_64_over_4']:.2f})",
+            ]
+        )
+        rows.append(
+            [
+                "forward compile time, static 4 vs 64 loops (scan)",
+                f"{c['forward_static_compile_s_4']:.2f} s vs {c['forward_static_compile_s_64']:.2f} s "
+                f"(ratio {c['forward_static_ratio_64_over_4']:.2f})",
+            ]
+        )
+    m = result.get("memory")
+    if m:
+        k = m["grad_steps"]
+        rows.append(
+            [
+                f"compiled temp memory, mean_loops 8 vs 64, k = {k}",
+                f"{_mb(m['train_step_temp_bytes_mean_loops_8'])} vs {_mb(m['train_step_temp_bytes_mean_loops_64'])} "
+                f"(ratio {m['train_step_ratio_64_over_8']:.2f})",
+            ]
+        )
+        rows.append(
+            [
+                "same at a static loop count, truncated vs full backprop",
+                f"{_mb(m['static_loss_grad_temp_bytes_8'])} vs {_mb(m['static_loss_grad_temp_bytes_64'])} truncated "
+                f"(8 vs 64 loops), {_mb(m['full_backprop_static_loss_grad_temp_bytes_64'])} full at 64 loops",
+            ]
+        )
+    model = result["model"]
+    config = os.path.relpath(result["config"], Path(__file__).resolve().parents[1])
+    caption = (
+        f"{config} on {result['num_devices']} x {result['device_kind']} ({result['backend']}), "
+        f"batch {result['global_batch_size']} x {result['seq_len']}, mean_loops {model['mean_loops']}, "
+        f"k = {model['grad_steps']}, {model['dtype']}; {result['train']['steps']} timed steps. MB = 10^6 bytes."
+    )
+    return Table(["measure", "value"], rows, title="Training-step benchmark", caption=caption)
+
+
 def main(argv: list[str]) -> int:
     result = run(argv)
+    from looped_jax.results import write_results
+
+    table = results_table(result)
+    out = write_results(result["name"], [table], result)
+    log(f"wrote {out / 'results.md'} and {out / 'results.json'}")
     print(json.dumps(result, indent=2))
     return 0
 

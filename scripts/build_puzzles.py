@@ -1,10 +1,11 @@
 """Builds a puzzle data set (sudoku, maze or arc) into its data_dir, with progress and timings.
 
-    python scripts/build_puzzles.py sudoku --data.sudoku_size=6 --data.seq_len=36 --data.num_train=1000
-    python scripts/build_puzzles.py maze --data.maze_size=30 --data.seq_len=900 --data.num_train=1000
-    python scripts/build_puzzles.py arc --data.arc_dir=/path/to/ARC-AGI/data --data.seq_len=900
+    python scripts/build_puzzles.py sudoku --config.data.sudoku_size=6 --config.data.seq_len=36 \
+        --config.data.num_train=1000
+    python scripts/build_puzzles.py maze --config.data.maze_size=30 --config.data.seq_len=900
+    python scripts/build_puzzles.py arc --config.data.arc_dir=/path/to/ARC-AGI/data --config.data.seq_len=900
 
-Any DataConfig field can be set with --data.FIELD=VALUE. Building is idempotent: an existing
+Any DataConfig field can be set with --config.data.FIELD=VALUE (as in every script). Building is idempotent: an existing
 build with the same parameters is reused. Prints split sizes, the vocabulary and one example.
 """
 
@@ -16,24 +17,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from looped_jax.config import apply_overrides  # noqa: E402
+from looped_jax.config import apply_overrides, parse_overrides  # noqa: E402
 from looped_jax.data import DataConfig, get_builder, prepare, split_names, vocab_size  # noqa: E402
 from looped_jax.data.puzzles import num_puzzle_ids  # noqa: E402
 
-USAGE = "usage: build_puzzles.py {sudoku,maze,arc} [--data.FIELD=VALUE ...]"
+USAGE = "usage: build_puzzles.py {sudoku,maze,arc} [--config.data.FIELD=VALUE ...]"
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("sudoku", "maze", "arc"):
         print(USAGE, file=sys.stderr)
         return 2
-    overrides = {}
-    for arg in argv[1:]:
-        if not arg.startswith("--data.") or "=" not in arg:
-            print(f"unexpected argument {arg!r}\n{USAGE}", file=sys.stderr)
-            return 2
-        key, value = arg[len("--data.") :].split("=", 1)
-        overrides[key] = value
+    try:
+        overrides = parse_overrides(argv[1:], prefix="config.data")
+    except ValueError as e:
+        print(f"{e}\n{USAGE}", file=sys.stderr)
+        return 2
     seq_len = {"sudoku": 81, "maze": 900, "arc": 900}[argv[0]]
     cfg = apply_overrides(DataConfig(name=argv[0], seq_len=seq_len), overrides)
     start = time.perf_counter()

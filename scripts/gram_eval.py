@@ -9,15 +9,17 @@ depth (number of transitions from z_0) and reports, for each N, the exact-puzzle
     reward    the trajectory with the highest latent process reward v_psi,
     oracle    any of the N is right (pass@N, an upper bound for any selector),
 
-averaged over the max(N) / N disjoint groups of N trajectories. Writes results.json and a PNG.
+averaged over the max(N) / N disjoint groups of N trajectories. Writes ``runs/<name>/results.md`` (the README
+table), ``results.json`` and a PNG; the run itself lives in ``runs/<name>/<config>``.
 
-    python scripts/gram_eval.py --config configs/gram_sudoku_cpu.py --output runs/gram_eval
+    python scripts/gram_eval.py --config configs/gram_sudoku_cpu.py --config.train.num_steps=3000 \
+        --depths 1,2,4,8,16 --max_batches 4
+    python scripts/gram_eval.py --config.train.num_steps=5 --depths 1,2 --max_batches 1 --name smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from looped_jax.config import load_config  # noqa: E402
+from looped_jax.config import load_config, parse_overrides  # noqa: E402
+from looped_jax.results import Table, write_results  # noqa: E402
 
 
 def selection_metrics(preds_NBT, reward_NB, targets_BT, weights_BT, group: int) -> dict:
@@ -57,17 +60,19 @@ def selection_metrics(preds_NBT, reward_NB, targets_BT, weights_BT, group: int) 
     return out
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--config", default=str(ROOT / "configs" / "gram_sudoku_cpu.py"))
     p.add_argument("--samples", default="1,4,16", help="numbers of trajectories N")
     p.add_argument("--depths", default="1,2,4,8,16,32", help="numbers of transitions")
     p.add_argument("--eval_batch_size", type=int, default=128)
     p.add_argument("--max_batches", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="seed of the trajectory keys")
-    p.add_argument("--output", default="runs/gram_eval")
-    p.add_argument("--set", action="append", default=[], help="config override, e.g. train.num_steps=300")
-    args = p.parse_args()
+    p.add_argument("--name", default="gram_eval", help="results go to runs/<name>/")
+    args, rest = p.parse_known_args(argv)
+    overrides = parse_overrides(rest)  # --config.section.field=value
 
     import jax
     import jax.numpy as jnp
@@ -78,21 +83,19 @@ def main() -> int:
     from looped_jax.models import build_model, count_params
     from looped_jax.train.trainer import Trainer
 
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     samples = [int(x) for x in args.samples.split(",")]
     depths = [int(x) for x in args.depths.split(",")]
     n_max = max(samples)
-    cfg = load_config(args.config, dict(kv.split("=", 1) for kv in args.set))
+    cfg = load_config(args.config, {"train.output_dir": f"runs/{args.name}/{Path(args.config).stem}", **overrides})
     prepare(cfg.data)
     trainer = Trainer(cfg)
     t0 = time.perf_counter()
     state, history = trainer.fit()
     results: dict = {
         "config": args.config,
-        "overrides": args.set,
+        "overrides": overrides,
         "params": count_params(nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0)))),
-        "train_steps": int(state.step),
+        "train_steps": history["steps"],
         "fit_seconds": round(time.perf_counter() - t0, 1),
         "train_metrics": history["train"],
         "train_depth": cfg.model.supervision_steps * cfg.model.num_transitions,
@@ -131,10 +134,36 @@ def main() -> int:
                 for n in samples
             )
             print(f"depth {depth:3d}  single {entry[str(samples[0])]['single_exact']:.3f}  {line}", flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    table = results_table(results)
+    out = write_results(args.name, [table], results)
     _plot(results, out / "gram_width_depth.png", np)
-    print(f"wrote {out / 'results.json'} and {out / 'gram_width_depth.png'}")
+    print("\n" + table.markdown())
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'gram_width_depth.png'}")
     return 0
+
+
+def results_table(results: dict) -> Table:
+    """Rows: depth; columns: N = 1 (one trajectory), then vote / reward / any (pass@N) for each larger N."""
+    samples = results["samples"]
+    header = ["depth (transitions)"] + [f"N = {n}" if n == 1 else f"N = {n} vote / reward / any" for n in samples]
+    rows = []
+    for depth in results["depths"]:
+        entry = results["by_depth"][str(depth)]
+        name = f"{depth} (trained)" if depth == results["train_depth"] else str(depth)
+        cells = []
+        for n in samples:
+            e = entry[str(n)]
+            if n == 1:
+                cells.append(f"{e['single_exact']:.3f}")
+            else:
+                cells.append(" / ".join(f"{e[f'{rule}_exact']:.3f}" for rule in ("majority", "reward", "oracle")))
+        rows.append([name] + cells)
+    n_puzzles = results["by_depth"][str(results["depths"][0])]["num_puzzles"]
+    caption = (
+        f"Exact (whole-grid) accuracy on {n_puzzles} test puzzles after {results['train_steps']:,} training steps; "
+        "N trajectories sampled from the prior, chosen by majority vote or the latent reward head; any = pass@N."
+    )
+    return Table(header, rows, title="GRAM width and depth scaling", caption=caption)
 
 
 def _plot(results: dict, path: Path, np) -> None:

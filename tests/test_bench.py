@@ -33,7 +33,7 @@ def corpus_args(tmp_path_factory):
         "--quick",
         "--steps=2",
         "--warmup=1",
-        f"--data_dir={root / 'tfds'}",
+        f"--config.data.data_dir={root / 'tfds'}",
         f"--config.data.text_dir={corpus}",
         # 8 fake CPU devices (conftest): the batch must split over them.
         "--config.train.global_batch_size=8",
@@ -81,6 +81,29 @@ def test_quick_train_benchmark(corpus_args):
     assert 0 < out["mfu"] <= out["hfu"] and out["hfu"] < 10  # a generous bound: noisy shared CPUs
     assert len(out["num_loops"]) == 2 and all(r >= 1 for r in out["num_loops"])
     assert "flops_formula" in out and out["train"]["tokens_per_step"] == 8 * 32
+    table = bench.results_table(out)  # the README table: only the measured rows
+    assert [r[0] for r in table.rows][:1] == ["tokens/s"] and len(table.rows) == 2
+
+
+def test_memory_is_flat_in_the_loop_count():
+    """Fast sibling of the full benchmark's ratios, from the same helpers: the static forward (a scan)
+    and the truncated-backprop loss gradient (grad_steps=2) compile to the same temp memory at 8 and
+    64 loops (one device, batch 2, so the four compiles stay short)."""
+    import jax
+    import numpy as np
+
+    from looped_jax.train.trainer import Trainer
+
+    cfg = bench.quick_overrides(load_config(bench.DEFAULT_CONFIG))
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, enabled=False))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    trainer = Trainer(cfg, mesh=mesh, log=False)
+    assert cfg.model.grad_steps == 2
+    (fwd_s_8, fwd_bytes_8), (fwd_s_64, fwd_bytes_64) = (bench.compile_forward(trainer, n) for n in (8, 64))
+    assert _positive(fwd_s_8) and _positive(fwd_s_64)
+    assert fwd_bytes_8 > 0 and fwd_bytes_64 / fwd_bytes_8 == pytest.approx(1.0, abs=0.1)
+    grad_bytes_8, grad_bytes_64 = (bench.static_loss_grad_temp_bytes(trainer, n) for n in (8, 64))
+    assert grad_bytes_8 > 0 and grad_bytes_64 / grad_bytes_8 == pytest.approx(1.0, abs=0.1)
 
 
 @pytest.mark.slow

@@ -10,6 +10,8 @@ from looped_jax.config import (
     apply_overrides,
     diff_configs,
     parse_cli_overrides,
+    parse_override_groups,
+    parse_overrides,
     to_dict,
 )
 
@@ -61,6 +63,9 @@ def test_validation_reruns_after_override():
         MeshConfig(data=-1, fsdp=-1)
     with pytest.raises(ValueError, match="train.num_steps"):
         TrainConfig(num_steps=0)
+    with pytest.raises(ValueError, match="train.max_minutes"):
+        TrainConfig(max_minutes=-1.0)
+    assert apply_overrides(_cfg(), {"train.max_minutes": "0.5"}).train.max_minutes == 0.5
 
 
 def test_family_name_cannot_be_overridden():
@@ -76,6 +81,34 @@ def test_cli_parsing_and_diff():
     a = to_dict(_cfg())
     b = to_dict(apply_overrides(_cfg(), {"model.width": "5"}))
     assert diff_configs(a, b) == ["model.width: checkpoint has 4, config has 5"]
+
+
+def test_script_override_parsing():
+    """Every script hands the arguments argparse did not know to parse_overrides."""
+    assert parse_overrides(["--config.model.width=3", "--config.train.seed", "2", "--config.data.x=a=b"]) == {
+        "model.width": "3",
+        "train.seed": "2",
+        "data.x": "a=b",
+    }
+    assert parse_overrides([]) == {}
+    with pytest.raises(ValueError, match=r"unexpected argument '--set'.*--config.section.field=value"):
+        parse_overrides(["--set", "model.width=3"])
+    with pytest.raises(ValueError, match=r"unexpected argument 'model.width=3'"):
+        parse_overrides(["model.width=3"])
+    with pytest.raises(ValueError, match=r"--config.model.width has no value"):
+        parse_overrides(["--config.model.width"])
+    with pytest.raises(ValueError, match=r"--config.model.width has no value"):
+        parse_overrides(["--config.model.width", "--config.train.seed=1"])
+    with pytest.raises(ValueError, match="given twice"):
+        parse_overrides(["--config.model.width=3", "--config.model.width=4"])
+    with pytest.raises(ValueError, match="must name a field"):
+        parse_overrides(["--config..width=3"])
+    groups = parse_override_groups(
+        ["--config.model.width=3", "--ar_config.model.width=5", "--ar_config.train.seed=1"], ("config", "ar_config")
+    )
+    assert groups == {"config": {"model.width": "3"}, "ar_config": {"model.width": "5", "train.seed": "1"}}
+    with pytest.raises(ValueError, match=r"--config.section.field=value or --ar_config.section.field=value"):
+        parse_override_groups(["--ltm.model.width=3"], ("config", "ar_config"))
 
 
 def test_fields_validated_together_can_be_overridden_together():

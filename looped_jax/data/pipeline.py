@@ -27,6 +27,7 @@ is always padded (weights 0), never dropped. Iterators support get_state/set_sta
 import dataclasses
 import importlib
 import inspect
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +48,23 @@ from looped_jax.data.config import DataConfig, chains_problem_length
 Batch = dict[str, np.ndarray]
 
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=128)
+
+
+class _CustomConfigFilter(logging.Filter):
+    """Drops TFDS's "Using custom data configuration" warning.
+
+    Every looped_jax data set is built from a BuilderConfig made from the DataConfig (named by its
+    digest), never from one listed in BUILDER_CONFIGS, so TFDS logs that warning each time a builder
+    is made: dozens of lines per run (every split and every evaluation). `prepare` already prints
+    which build is used.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Using custom data configuration")
+
+
+if not any(isinstance(f, _CustomConfigFilter) for f in logging.getLogger("absl").filters):
+    logging.getLogger("absl").addFilter(_CustomConfigFilter())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Model families and the registry the trainer builds from (``cfg.name`` selects the family).
 
-Every model provides ``loss(batch, *, rng, train) -> (loss, metrics)`` and
-``__call__(inputs_BT, *, positions_BT, segment_ids_BT, num_loops, rng) -> logits_BTV``.
+Every family implements the interface of ``looped_jax.models.protocol`` (``initial_carry``,
+``loss -> LossOutput``, ``evaluate -> sums``), which is all the trainer calls, and runs its loops
+through the engine in ``looped_jax.recurrence``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from looped_jax.models.gram import GramConfig, GramModel
 from looped_jax.models.hrm import HRMConfig, HRMModel
 from looped_jax.models.latent_thought import LatentThoughtConfig, LatentThoughtModel
 from looped_jax.models.looped import LoopedConfig, LoopedModel
+from looped_jax.models.protocol import LossOutput, Model, TokenModel
 from looped_jax.models.recurrent_depth import RecurrentDepthConfig, RecurrentDepthModel
 from looped_jax.models.titans import TitansConfig, TitansModel
 from looped_jax.models.trm import TRMConfig, TRMModel
@@ -68,6 +70,9 @@ __all__ = [
     "LatentThoughtModel",
     "LoopedConfig",
     "LoopedModel",
+    "LossOutput",
+    "Model",
+    "TokenModel",
     "RecurrentDepthConfig",
     "RecurrentDepthModel",
     "TitansConfig",

@@ -29,7 +29,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from looped_jax.train.stablemax import TOKEN_LOSSES
+from looped_jax.losses import TOKEN_LOSSES, binary_cross_entropy_with_logits
+from looped_jax.recurrence import unroll
 
 # The example fields a carry holds for each row.
 DATA_KEYS = ("inputs", "targets", "weights", "puzzle_ids")
@@ -124,17 +125,20 @@ def act_step(
     return new_carry, outputs
 
 
-def _bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    logits = logits.astype(jnp.float32)
-    return jnp.maximum(logits, 0.0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
-
-
 def sequence_correct(logits_BTV: jax.Array, data: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(per-token correct [B,T] on weighted tokens, supervised-token counts [B], exact [B])."""
     mask_BT = data["weights"] > 0
     counts_B = mask_BT.sum(-1)
     correct_BT = mask_BT & (jnp.argmax(logits_BTV, axis=-1) == data["targets"])
     return correct_BT, counts_B, correct_BT.sum(-1) == counts_B
+
+
+def exact_match(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Whole-answer accuracy: (exact_B, valid_B), exact_B = every weighted token of the row is right
+    (and the row has one), valid_B = the row has any weight. The one exact-match rule of the package."""
+    _, counts_B, exact_B = sequence_correct(logits_BTV, {"targets": targets_BT, "weights": weights_BT})
+    valid_B = counts_B > 0
+    return exact_B & valid_B, valid_B
 
 
 def act_loss(carry: dict, outputs: dict, *, loss_type: str = "stablemax") -> tuple[jax.Array, dict]:
@@ -151,11 +155,12 @@ def act_loss(carry: dict, outputs: dict, *, loss_type: str = "stablemax") -> tup
     weights_BT = data["weights"]
     token_loss_BT = TOKEN_LOSSES[loss_type](logits_BTV, data["targets"])
     lm_loss = jnp.sum((token_loss_BT * weights_BT).sum(-1) / jnp.maximum(weights_BT.sum(-1), 1.0)) / batch
-    q_halt_loss = jnp.sum(_bce_with_logits(outputs["q_halt"], exact_B.astype(jnp.float32))) / batch
+    q_halt_loss = jnp.sum(binary_cross_entropy_with_logits(outputs["q_halt"], exact_B.astype(jnp.float32))) / batch
     loss = lm_loss + 0.5 * q_halt_loss
     metrics = {"lm_loss": lm_loss, "q_halt_loss": q_halt_loss}
     if "target_q_continue" in outputs:
-        q_cont_loss = jnp.sum(_bce_with_logits(outputs["q_continue"], outputs["target_q_continue"])) / batch
+        bce_cont_B = binary_cross_entropy_with_logits(outputs["q_continue"], outputs["target_q_continue"])
+        q_cont_loss = jnp.sum(bce_cont_B) / batch
         loss = loss + 0.5 * q_cont_loss
         metrics["q_continue_loss"] = q_cont_loss
     valid_B = carry["halted"] & (counts_B > 0)
@@ -176,7 +181,8 @@ def act_loss(carry: dict, outputs: dict, *, loss_type: str = "stablemax") -> tup
 def evaluate_all_steps(
     inner: InnerFn, z0: Any, batch: dict, *, max_steps: int, use_continue: bool
 ) -> dict[str, jax.Array]:
-    """Runs ``max_steps`` segments from the initial state (no halting) and reports, per row:
+    """Runs ``max_steps`` segments from the initial state (no halting, no gradient: the engine's
+    ``unroll`` with grad_steps=0, recording each step's scores) and reports, per row:
 
     exact_S_B / token_acc_S_B: exact-match and token accuracy after every step [S, B];
     halt_step_B: the first step whose halt signal fires (max_steps if none);
@@ -186,14 +192,19 @@ def evaluate_all_steps(
     batch_size = data["inputs"].shape[0]
     z = jax.tree.map(lambda zi, zc: jnp.broadcast_to(zi, (batch_size,) + zc.shape[1:]), z0, z0)
 
-    def body(z, _):
-        z_new, logits_BTV, q_halt_B, q_cont_B = inner(z, data)
+    # carry = (z, scores of the last step); the engine records the scores after every step.
+    def step(params, carry, data):
+        del params
+        z_new, logits_BTV, q_halt_B, q_cont_B = inner(carry[0], data)
         correct_BT, counts_B, exact_B = sequence_correct(logits_BTV, data)
         signal_B = (q_halt_B > q_cont_B) if use_continue else (q_halt_B > 0)
         token_acc_B = correct_BT.sum(-1) / jnp.maximum(counts_B, 1)
-        return z_new, (exact_B, token_acc_B, signal_B)
+        return z_new, exact_B, token_acc_B, signal_B
 
-    _, (exact_SB, token_acc_SB, signal_SB) = jax.lax.scan(body, z, None, length=max_steps)
+    scores0 = (jnp.zeros((batch_size,), bool), jnp.zeros((batch_size,), jnp.float32), jnp.zeros((batch_size,), bool))
+    _, (exact_SB, token_acc_SB, signal_SB) = unroll(
+        step, None, (z,) + scores0, data, num_steps=max_steps, grad_steps=0, record_fn=lambda carry: carry[1:]
+    )
     signal_SB = signal_SB.at[-1].set(True)
     halt_index_B = jnp.argmax(signal_SB, axis=0)
     exact_at_halt_B = jnp.take_along_axis(exact_SB, halt_index_B[None], axis=0)[0]

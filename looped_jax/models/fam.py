@@ -27,8 +27,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from looped_jax.config import check_field
+from looped_jax.config import check_model_field as _check
+from looped_jax.losses import cross_entropy
 from looped_jax.models.fam_layers import LayerCache, fam_positions, layer_decode, layer_forward, prompt_step
+from looped_jax.models.protocol import LossOutput, TokenModel
 from looped_jax.nn import (
     Block,
     BlockConfig,
@@ -40,13 +42,8 @@ from looped_jax.nn import (
     takase_std,
     truncated_normal,
 )
-from looped_jax.train.losses import cross_entropy
 
 MAX_POSITION_OFFSET = 2 * math.pi * 1e4  # random rotary offset range (paper Sec. 3.3)
-
-
-def _check(ok: bool, field: str, expected: str, got) -> None:
-    check_field(ok, f"model.{field}", expected, got)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +112,7 @@ class FamConfig:
         )
 
 
-class FamModel(nnx.Module):
+class FamModel(TokenModel, nnx.Module):
     """Embedding -> FAM layers -> final norm -> head."""
 
     def __init__(self, cfg: FamConfig, *, rngs: nnx.Rngs):
@@ -224,20 +221,21 @@ class FamModel(nnx.Module):
 
     # -- training --------------------------------------------------------------------------------
 
-    def initial_carry(self, batch_size: int) -> dict:
+    def initial_carry(self, batch_size: int) -> dict | None:
         """Trainer carry for random state passing: every layer's final FAM of the previous step and whether
-        it is valid (0 before the first step). Empty when state passing is off."""
+        it is valid (0 before the first step). None (stateless) when state passing is off."""
         cfg = self.cfg
         if cfg.state_passing_prob == 0 or cfg.fam_length == 0:
-            return {}
+            return None
         return {
             "fam_BLFD": jnp.zeros((batch_size, cfg.num_layers, cfg.fam_length, cfg.d_model), jnp.float32),
             "valid_B": jnp.zeros((batch_size,), jnp.float32),
         }
 
-    def loss(self, batch: dict, *, rng: jax.Array, train: bool = True, carry: dict | None = None):
-        """Weighted next-token cross-entropy. With a ``carry`` (trainer protocol) returns
-        ``(loss, (metrics, new_carry))``, else ``(loss, metrics)``."""
+    def loss(self, batch: dict, *, rng: jax.Array, train: bool = True, carry: dict | None = None) -> LossOutput:
+        """Weighted next-token cross-entropy. With a ``carry`` (random state passing, see
+        ``initial_carry``) the previous step's final FAM may seed this step's, and the new carry
+        holds this step's; without one (None) every row starts from the learnt prompt."""
         cfg = self.cfg
         inputs_BT = batch["inputs"]
         B, T = inputs_BT.shape
@@ -265,12 +263,10 @@ class FamModel(nnx.Module):
         logits_BTV, finals_BLFD = self.forward(inputs_BT, pos_BT, init_fams=init_fams, init_resids=init_resids)
         loss, ce_metrics = cross_entropy(logits_BTV, batch["targets"], batch["weights"])
         metrics = dict(ce_metrics, **metrics)
-        if carry is None:
-            return loss, metrics
         if not carry:
-            return loss, (metrics, carry)
+            return LossOutput(loss, metrics, carry)
         new_carry = {"fam_BLFD": jax.lax.stop_gradient(finals_BLFD), "valid_B": jnp.ones((B,), jnp.float32)}
-        return loss, (metrics, new_carry)
+        return LossOutput(loss, metrics, new_carry)
 
     # -- streaming inference ---------------------------------------------------------------------
 

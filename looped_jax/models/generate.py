@@ -11,6 +11,9 @@ loop step i in slot i % n, so the cache holds n steps instead of r (the referenc
 ``warm_start`` starts each new token's latent from the previous token's final latent
 ("continuous compute"). The prompt is always run for the full loop count.
 
+The core loop goes through the loop engine: `unroll` for a fixed loop count and
+`iterate_to_convergence` for per-token exits, with the core cache as the engine's aux carry.
+
 The looped model caches every (loop, layer, repeat) application: [L, k * repeat, B, S, ...].
 The whole generation is one jitted function: prefill, then a ``lax.scan`` over new tokens.
 """
@@ -27,12 +30,19 @@ from flax import nnx
 from looped_jax.models.looped import LoopedModel
 from looped_jax.models.recurrent_depth import RecurrentDepthModel
 from looped_jax.nn import KVCache, apply_stack, resolve_dtype
+from looped_jax.recurrence import is_static_int, iterate_to_convergence, unroll
 
 
 class ExitRule(NamedTuple):
     """Per-token exit for recurrent-depth decoding: a token stops once every given criterion
     holds (relative latent change < tol, KL of successive next-token distributions < kl_tol),
-    after at least ``min_loops`` steps. The reference's defaults are 0.03 and 5e-4."""
+    after at least ``min_loops`` steps. The reference's defaults are 0.03 and 5e-4. A
+    tolerance of 0 or None disables that criterion; with neither left, decoding runs the
+    full loop count.
+
+    The KL is `looped_jax.recurrence.kl_divergence` (the loop engine's): the same quantity
+    as the textbook sum p (log p - log q), computed so that it stays accurate where the
+    divergence is small (the textbook form in float32 loses everything below ~1e-6)."""
 
     tol: float | None = 0.03
     kl_tol: float | None = None
@@ -74,32 +84,84 @@ def init_recurrent_depth_cache(
     )
 
 
-def _readout_cached(model: RecurrentDepthModel, s_BTD, positions_BT, segment_ids_BT, coda_caches, index):
-    x_BTD, coda_caches = apply_stack(
-        model.coda, model.final_norm(s_BTD), positions_BT, segment_ids_BT, caches=list(coda_caches), cache_index=index
-    )
-    return model.head(x_BTD), tuple(coda_caches)
+def _resolve_exit_rule(rule: ExitRule | None, num_loops: int) -> ExitRule | None:
+    """Validates ``rule``; tolerances of 0 become None, a rule without a criterion becomes None
+    (fixed depth) and ``min_loops`` is capped at ``num_loops`` (a token then simply runs them all)."""
+    if rule is None:
+        return None
+    for name in ("tol", "kl_tol"):
+        value = getattr(rule, name)
+        if value is not None and not value >= 0:
+            raise ValueError(f"ExitRule.{name} must be None or >= 0 (0 disables it), got {value!r}")
+    if not is_static_int(rule.min_loops) or rule.min_loops < 1:
+        raise ValueError(f"ExitRule.min_loops must be an int >= 1, got {rule.min_loops!r}")
+    tol, kl_tol = rule.tol or None, rule.kl_tol or None
+    if tol is None and kl_tol is None:
+        return None
+    return ExitRule(tol, kl_tol, min(int(rule.min_loops), num_loops))
 
 
-def _core_step_cached(model, s_BTD, e_BTD, positions_BT, segment_ids_BT, core_cache, i, index, num_slots, active_B):
-    """Loop step ``i`` through slot ``i % num_slots``. Rows with ``active_B`` False keep, at
-    this position, their deepest entry: a copy of the previous step's slot while the slots are
-    being filled for the first time (i < num_slots), else the slot's old content."""
-    slot = i % num_slots
-    old = _take(core_cache, slot)
-    s_new_BTD, new = model.core(s_BTD, e_BTD, positions_BT, segment_ids_BT, caches=old, cache_index=index)
-    if active_B is not None:
-        prev = _take(core_cache, (i - 1) % num_slots)
-        length = s_BTD.shape[1]
+def _core_step_fn(model: RecurrentDepthModel, num_slots: int):
+    """(step, params): the loop engine's step over the carry (s_BTD, core cache).
 
-        def patch(new_a, old_a, prev_a):  # [C, B, S, ...]
-            at = lambda a: jax.lax.dynamic_slice_in_dim(a, index, length, axis=2)
-            fill = jnp.where(i < num_slots, at(prev_a), at(old_a))
-            keep = active_B.reshape((1, -1) + (1,) * (new_a.ndim - 2))
-            return jax.lax.dynamic_update_slice_in_dim(new_a, jnp.where(keep, at(new_a), fill), index, axis=2)
+    ``step(params, (s_BTD, core), (e_BTD, positions_BT, segment_ids_BT, cache_index), index=i,
+    active=None)`` runs loop step ``i`` through cache slot ``i % num_slots``. With ``active``
+    (bool [B], the rows still iterating), inactive rows keep, at this position, their deepest
+    entry: a copy of the previous step's slot while the slots are being filled for the first
+    time (i < num_slots), else the slot's old content. Their latent is masked by the engine.
+    """
+    graphdef, params = nnx.split(model.core)
 
-        new = jax.tree.map(patch, new, old, prev)
-    return s_new_BTD, _put(core_cache, slot, new)
+    def step(params, carry, inputs, *, index, active=None):
+        s_BTD, core_cache = carry
+        e_BTD, positions_BT, segment_ids_BT, cache_index = inputs
+        slot = index % num_slots
+        old = _take(core_cache, slot)
+        core = nnx.merge(graphdef, params)
+        s_new_BTD, new = core(s_BTD, e_BTD, positions_BT, segment_ids_BT, caches=old, cache_index=cache_index)
+        if active is not None:
+            prev = _take(core_cache, (index - 1) % num_slots)
+            length = s_BTD.shape[1]
+            at = lambda a: jax.lax.dynamic_slice_in_dim(a, cache_index, length, axis=2)
+
+            def patch(new_a, old_a, prev_a):  # [C, B, S, ...]
+                fill = jnp.where(index < num_slots, at(prev_a), at(old_a))
+                keep = active.reshape((1, -1) + (1,) * (new_a.ndim - 2))
+                return jax.lax.dynamic_update_slice_in_dim(new_a, jnp.where(keep, at(new_a), fill), cache_index, axis=2)
+
+            new = jax.tree.map(patch, new, old, prev)
+        return s_new_BTD, _put(core_cache, slot, new)
+
+    return step, params
+
+
+def _readout_fn(model: RecurrentDepthModel, positions_BT, segment_ids_BT, coda_caches, cache_index):
+    """(readout, params): ``readout(params, s_BTD) -> (logits_BTV, coda caches)``, the coda and
+    tied head reading and writing ``coda_caches`` at ``cache_index``."""
+    graphdefs, params = zip(*(nnx.split(m) for m in (model.coda, model.final_norm, model.embed)), strict=True)
+
+    def readout(params, s_BTD):
+        coda, norm, embed = (nnx.merge(g, p) for g, p in zip(graphdefs, params, strict=True))
+        x_BTD, caches = apply_stack(
+            coda, norm(s_BTD), positions_BT, segment_ids_BT, caches=list(coda_caches), cache_index=cache_index
+        )
+        return embed.attend(norm(x_BTD)), tuple(caches)
+
+    return readout, params
+
+
+def _fill_unreached_slots(core: KVCache, num_iterations: jax.Array, cache_index: jax.Array) -> KVCache:
+    """Slots no row reached (the loop ended after ``num_iterations`` < num_slots steps) get, at
+    this position, a copy of slot ``num_iterations - 1``: every row's deepest entry there."""
+
+    def fill(a):  # [N, C, B, S, ...]
+        num_slots = a.shape[0]
+        col = jax.lax.dynamic_slice_in_dim(a, cache_index, 1, axis=3)
+        deepest = jax.lax.dynamic_index_in_dim(col, jnp.minimum(num_iterations, num_slots) - 1, 0, keepdims=True)
+        unreached = (jnp.arange(num_slots) >= num_iterations).reshape((num_slots,) + (1,) * (a.ndim - 1))
+        return jax.lax.dynamic_update_slice_in_dim(a, jnp.where(unreached, deepest, col), cache_index, axis=3)
+
+    return jax.tree.map(fill, core)
 
 
 def recurrent_depth_forward_cached(
@@ -115,8 +177,10 @@ def recurrent_depth_forward_cached(
     """Runs ``tokens_BT`` (at positions index..index+T-1) through the model, reading and
     writing ``cache``. Returns (logits_BTV, final latent s_BTD, steps_B, cache).
 
-    Without ``exit_rule`` every token runs ``num_loops`` steps. With it (decode, T == 1) each
-    row stops on its own and its missing cache entries are filled as described above.
+    Without ``exit_rule`` (or one without a criterion) every token runs ``num_loops`` steps
+    (`unroll`). With it (decode, T == 1) each row stops on its own (`iterate_to_convergence`,
+    one element per row; the KL starts from the uniform distribution, as the reference does)
+    and its missing cache entries are filled as described above.
     """
     batch, length = tokens_BT.shape
     num_slots = cache.core.k_BSKH.shape[0]
@@ -130,79 +194,39 @@ def recurrent_depth_forward_cached(
         caches=list(cache.prelude),
         cache_index=index,
     )
-    step_args = (e_BTD, positions_BT, segment_ids_BT)
+    step, core_params = _core_step_fn(model, num_slots)
+    readout, readout_params = _readout_fn(model, positions_BT, segment_ids_BT, cache.coda, index)
+    inputs = (e_BTD, positions_BT, segment_ids_BT, index)
+    rule = _resolve_exit_rule(exit_rule, num_loops)
 
-    if exit_rule is None:
-
-        def fixed_body(i, carry):
-            s_BTD, core = carry
-            return _core_step_cached(model, s_BTD, *step_args, core, i, index, num_slots, None)
-
-        s_BTD, core = jax.lax.fori_loop(0, num_loops, fixed_body, (s0_BTD, cache.core))
+    if rule is None:
+        (s_BTD, core), _ = unroll(step, core_params, (s0_BTD, cache.core), inputs, num_steps=num_loops, with_index=True)
         steps_B = jnp.full((batch,), num_loops, jnp.int32)
     else:
         if length != 1:
             raise ValueError(f"per-token exit decodes one token at a time, got {length} tokens")
-        s_BTD, core, steps_B = _adaptive_core(model, s0_BTD, step_args, cache, index, num_loops, num_slots, exit_rule)
+        with_kl = rule.kl_tol is not None
+        result = iterate_to_convergence(
+            lambda p, carry, x, **kw: step(p[0], carry, x, **kw),
+            (core_params, readout_params),
+            s0_BTD,
+            inputs,
+            max_steps=num_loops,
+            tol=rule.tol,
+            readout=(lambda p, s_BTD: readout(p[1], s_BTD)[0]) if with_kl else None,
+            kl_tol=rule.kl_tol,
+            initial_logits=jnp.zeros((batch, length, model.cfg.vocab_size), jnp.float32) if with_kl else None,
+            granularity="example",
+            min_steps=rule.min_loops,
+            aux=cache.core,
+            with_index=True,
+            with_active=True,
+        )
+        s_BTD, steps_B = result.state, result.steps
+        core = _fill_unreached_slots(result.aux, result.num_iterations, index)
 
-    logits_BTV, coda = _readout_cached(model, s_BTD, positions_BT, segment_ids_BT, cache.coda, index)
+    logits_BTV, coda = readout(readout_params, s_BTD)
     return logits_BTV, s_BTD, steps_B, RecurrentDepthCache(tuple(prelude), core, coda)
-
-
-def _adaptive_core(model, s0_BTD, step_args, cache, index, max_loops, num_slots, rule: ExitRule):
-    """While-loop over core steps with per-row exits (Geiping et al. 2025, Sec. 6)."""
-    batch = s0_BTD.shape[0]
-    vocab = model.cfg.vocab_size
-    positions_BT, segment_ids_BT = step_args[1], step_args[2]
-    init = {
-        "i": jnp.zeros((), jnp.int32),
-        "s": s0_BTD,
-        "core": cache.core,
-        "steps": jnp.zeros((batch,), jnp.int32),
-        "active": jnp.ones((batch,), bool),
-        # The reference starts the KL criterion from the uniform distribution.
-        "logp": jnp.full((batch, vocab), -jnp.log(float(vocab)), jnp.float32),
-    }
-
-    def cond(c):
-        return (c["i"] < max_loops) & jnp.any(c["active"])
-
-    def body(c):
-        i, active = c["i"], c["active"]
-        s_new, core = _core_step_cached(model, c["s"], *step_args, c["core"], i, index, num_slots, active)
-        diff = (s_new - c["s"]).astype(jnp.float32)[:, 0]
-        rel = jnp.linalg.norm(diff, axis=-1) / jnp.maximum(
-            jnp.linalg.norm(s_new[:, 0].astype(jnp.float32), axis=-1), 1e-30
-        )
-        conv = jnp.full((batch,), i + 1 >= rule.min_loops)
-        if rule.tol is not None:
-            conv &= rel < rule.tol
-        out = dict(c)
-        if rule.kl_tol is not None:
-            logits_BTV, _ = _readout_cached(model, s_new, positions_BT, segment_ids_BT, cache.coda, index)
-            logp = jax.nn.log_softmax(logits_BTV[:, 0].astype(jnp.float32), axis=-1)
-            conv &= jnp.sum(jnp.exp(logp) * (logp - c["logp"]), axis=-1) < rule.kl_tol
-            out["logp"] = jnp.where(active[:, None], logp, c["logp"])
-        out["s"] = jnp.where(active[:, None, None], s_new, c["s"])
-        out["core"] = core
-        out["steps"] = c["steps"] + active.astype(jnp.int32)
-        out["active"] = active & ~conv
-        out["i"] = i + 1
-        return out
-
-    final = jax.lax.while_loop(cond, body, init)
-
-    # Slots never reached by any row (the loop ended early) get copies of the deepest entry.
-    def fill(i, core):
-        prev = _take(core, i - 1)
-        at = lambda a: jax.lax.dynamic_slice_in_dim(a, index, 1, axis=2)
-        upd = jax.tree.map(
-            lambda cur, p: jax.lax.dynamic_update_slice_in_dim(cur, at(p), index, axis=2), _take(core, i), prev
-        )
-        return _put(core, i, upd)
-
-    core = jax.lax.fori_loop(final["i"], num_slots, fill, final["core"])
-    return final["s"], core, final["steps"]
 
 
 def looped_forward_cached(model: LoopedModel, tokens_BT: jax.Array, cache: KVCache, *, index: jax.Array):
@@ -218,6 +242,11 @@ def looped_forward_cached(model: LoopedModel, tokens_BT: jax.Array, cache: KVCac
         x_BTD, c = nnx.merge(graphdef, p)(x_BTD, e_BTD, positions_BT, segment_ids_BT, caches=c, cache_index=index)
         return x_BTD, c
 
+    # A plain scan, not the engine's `unroll`: loop l reads its own cache slice and returns the
+    # updated one, so the cache is a per-step input *and* a per-step output (scan's xs -> ys).
+    # `unroll` has per-step inputs but no per-step outputs (record_fn sees only the carry), so
+    # it would need the whole cache in the carry with a slice-and-update by index each step --
+    # more code for the same loop -- and generation needs none of its gradient options.
     if model.cfg.share_weights:
         x_BTD, cache = jax.lax.scan(lambda x, c: loop(x, (params, c)), model.initial_state(e_BTD), cache)
     else:
@@ -295,6 +324,8 @@ def _generate(
         return (cache, logits_BTV[:, -1], s_B1D, new_steps_B, rng), (token_B, steps_B)
 
     carry = (cache, logits_BTV[:, -1], s_BTD[:, -1:], steps_B, rng)
+    # A scan over new tokens, not the loop engine's: a sequence recurrence (each token's input is
+    # the previous token's output), not iterations of a shared step over one latent.
     carry, (tokens_NB, steps_NB) = jax.lax.scan(body, carry, jnp.arange(max_new_tokens - 1, dtype=jnp.int32))
     _, logits_BV, _, steps_B, rng = carry
     last_B = _select(logits_BV, jax.random.split(rng, 3)[1], temperature)
@@ -333,10 +364,7 @@ def generate(
         num_loops = model.cfg.default_eval_loops if num_loops is None else int(num_loops)
         if num_loops < 1:
             raise ValueError(f"num_loops must be >= 1, got {num_loops}")
-        if exit_rule is not None:
-            exit_rule = ExitRule(exit_rule.tol or None, exit_rule.kl_tol or None, exit_rule.min_loops)
-            if exit_rule.tol is None and exit_rule.kl_tol is None:
-                exit_rule = None
+        exit_rule = _resolve_exit_rule(exit_rule, num_loops)
     elif isinstance(model, LoopedModel):
         if num_loops not in (None, model.cfg.num_loops):
             raise ValueError(f"the looped model generates with its num_loops={model.cfg.num_loops}, got {num_loops}")

@@ -32,7 +32,7 @@ h_q = u + eps_q (posterior), h_p = u + eps_p (prior, reparameterised), z_p = (h_
 costs 0.1 * KL, far less than the CE it saves, and without it the posterior carried the answer (posterior
 cell accuracy 0.90, prior 0.40, KL 2.9 nats/cell after 50 steps on 6x6) while the core never learnt.
 
-averaged over steps. The halting logit (TRM) is read from the posterior state h[:, 0] and regresses
+The loss is averaged over steps. The halting logit (TRM) is read from the posterior state h[:, 0] and regresses
 exact-correctness of the step's greedy grid. The latent process reward head v_psi is a *critic*: it sees
 the prior-sampled last transition z_p under stop_gradient (the kind of state it will score at
 inference) and is trained with BCE against that trajectory's cell accuracy (a soft target in [0, 1],
@@ -41,6 +41,11 @@ equal to 1 exactly when the grid is solved); it does not shape the latent.
 Inference (``sample_trajectories``): N trajectories from the prior in parallel (``jax.vmap`` over
 trajectory keys), each a rollout of ``depth`` transitions from z_0; ``select_majority`` picks the most
 frequent whole grid, ``select_by_reward`` the trajectory with the highest v_psi.
+
+Every loop runs on the engine (`looped_jax.recurrence.unroll`) over the pure `transition_step`: the
+transitions of a trajectory (``with_index``), the gradient-free transitions of a supervision step
+(``grad_steps=0``) and the supervision steps of the loss (``record_fn`` collects their losses). Noise
+keys follow one rule: the t-th transition (or supervision step) under key k uses ``fold_in(k, t)``.
 """
 
 from __future__ import annotations
@@ -52,10 +57,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from looped_jax.config import check_field
-from looped_jax.nn.blocks import Block, BlockConfig
+from looped_jax.config import check_model_field
+from looped_jax.losses import binary_cross_entropy_with_logits, cross_entropy, gaussian_kl
+from looped_jax.models.protocol import LossOutput, TokenModel
+from looped_jax.nn.blocks import Block, BlockConfig, apply_stack
 from looped_jax.nn.embed import Embed, Unembed
 from looped_jax.nn.init import param, truncated_normal
+from looped_jax.recurrence import is_static_int, unroll
 
 REWARD_LOSSES = ("bce",)
 
@@ -92,7 +100,7 @@ class GramConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self):
-        check = lambda ok, field, expected, got: check_field(ok, f"model.{field}", expected, got)
+        check = check_model_field
         check(self.name == "gram", "name", "'gram'", self.name)
         for field in (
             "vocab_size",
@@ -127,16 +135,11 @@ class GramConfig:
 # ----------------------------------------------------------------------------- pure pieces
 
 
-def gaussian_kl(mu_q, log_sigma_q, mu_p, log_sigma_p) -> jax.Array:
-    """Elementwise KL(N(mu_q, s_q^2) || N(mu_p, s_p^2)) = log s_p/s_q + (s_q^2 + (mu_q - mu_p)^2) / 2 s_p^2 - 1/2."""
-    var_ratio = jnp.exp(2.0 * (log_sigma_q - log_sigma_p))
-    return log_sigma_p - log_sigma_q + 0.5 * (var_ratio + jnp.square((mu_q - mu_p) * jnp.exp(-log_sigma_p))) - 0.5
-
-
 def balanced_kl(mu_q, log_sigma_q, mu_p, log_sigma_p, alpha: float) -> jax.Array:
     """KL balancing (DreamerV2): alpha * KL(sg q || p) + (1 - alpha) * KL(q || sg p), elementwise.
 
-    Its value equals KL(q || p); its gradient reaches p's parameters scaled by alpha and q's by 1 - alpha.
+    Its value equals KL(q || p) (`looped_jax.losses.gaussian_kl`); its gradient reaches p's parameters
+    scaled by alpha and q's by 1 - alpha.
     """
     sg = jax.lax.stop_gradient
     to_prior = gaussian_kl(sg(mu_q), sg(log_sigma_q), mu_p, log_sigma_p)
@@ -169,17 +172,16 @@ def gather_trajectory(x_NB: jax.Array, index_B: jax.Array) -> jax.Array:
 
 
 def exact_and_accuracy(pred_BT, targets_BT, weights_BT) -> tuple[jax.Array, jax.Array]:
-    """Per row: 1.0 iff every weighted cell is right, and the weighted cell accuracy."""
+    """Per row: 1.0 iff every weighted cell is right, and the weighted cell accuracy (float32 [B] each).
+
+    Unlike `looped_jax.models.act.sequence_correct` (logits in, boolean mask of weights > 0), this takes
+    predictions and averages with the (possibly fractional) weights: GRAM's reward target is this accuracy.
+    """
     w = weights_BT.astype(jnp.float32)
     correct = (pred_BT == targets_BT).astype(jnp.float32) * w
     acc_B = correct.sum(-1) / jnp.maximum(w.sum(-1), 1.0)
     exact_B = jnp.all((pred_BT == targets_BT) | (w == 0), axis=-1).astype(jnp.float32)
     return exact_B, acc_B
-
-
-def _bce_logits(logits, targets) -> jax.Array:
-    """Binary cross-entropy with logits (targets may be soft)."""
-    return jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
 
 
 # ----------------------------------------------------------------------------- modules
@@ -196,7 +198,7 @@ class _Dense(nnx.Module):
         return jnp.einsum("...i,io->...o", x, self.w[...]) + self.b[...]
 
 
-class GramModel(nnx.Module):
+class GramModel(TokenModel, nnx.Module):
     """GRAM on a TRM/HRM two-level core; see the module docstring."""
 
     def __init__(self, cfg: GramConfig, *, rngs: nnx.Rngs):
@@ -240,11 +242,6 @@ class GramModel(nnx.Module):
         l_TD = jax.random.truncated_normal(k_l, -2.0, 2.0, (cfg.seq_len, cfg.d_model), jnp.float32)
         return jnp.broadcast_to(h_TD, (batch, *h_TD.shape)), jnp.broadcast_to(l_TD, (batch, *l_TD.shape))
 
-    def _stack(self, blocks, x_BTD, positions_BT, segment_ids_BT):
-        for block in blocks:
-            x_BTD, _ = block(x_BTD, positions_BT, segment_ids_BT)
-        return x_BTD
-
     def _log_sigma(self, raw):
         return jnp.clip(raw, self.cfg.min_log_sigma, self.cfg.max_log_sigma)
 
@@ -259,9 +256,9 @@ class GramModel(nnx.Module):
 
     def deterministic_part(self, h_BTD, l_BTD, x_BTD, positions_BT, segment_ids_BT):
         """K updates l <- f_L(l, h + e_x), then u = f_H(h, l). Returns (u, l)."""
-        for _ in range(self.cfg.l_cycles):
-            l_BTD = self._stack(self.f_l, l_BTD + h_BTD + x_BTD, positions_BT, segment_ids_BT)
-        u_BTD = self._stack(self.f_h, h_BTD + l_BTD, positions_BT, segment_ids_BT)
+        for _ in range(self.cfg.l_cycles):  # K is small and static: unrolled inside the one transition step
+            l_BTD, _ = apply_stack(self.f_l, l_BTD + h_BTD + x_BTD, positions_BT, segment_ids_BT)
+        u_BTD, _ = apply_stack(self.f_h, h_BTD + l_BTD, positions_BT, segment_ids_BT)
         return u_BTD, l_BTD
 
     def transition(self, state, x_BTD, positions_BT, segment_ids_BT, key, targets_BT=None):
@@ -300,21 +297,55 @@ class GramModel(nnx.Module):
                 f"inputs must be [batch, model.seq_len={self.cfg.seq_len}] token ids, got shape {inputs_BT.shape}"
             )
 
+    def transition_step(self):
+        """(step, params) for the loop engine: ``step(params, state, inputs, *, index) -> state``.
+
+        ``inputs = (x_BTD, positions_BT, segment_ids_BT, noise_targets_BT or None, key)``; transition ``index``
+        draws its noise from ``fold_in(key, index)`` (posterior noise when targets are given, else prior).
+        Every differentiable value (weights, x) enters through ``params`` / ``inputs``, so the engine's
+        gradient-free steps really are gradient free.
+        """
+        graphdef, params = nnx.split(self)
+
+        def step(params, state, inputs, *, index):
+            x_BTD, positions_BT, segment_ids_BT, targets_BT, key = inputs
+            model = nnx.merge(graphdef, params)
+            key_t = jax.random.fold_in(key, index)
+            state, _ = model.transition(state, x_BTD, positions_BT, segment_ids_BT, key_t, targets_BT)
+            return state
+
+        return step, params
+
     # -- inference ----------------------------------------------------------------------------
+
+    def prior_trajectory(self, inputs_BT, positions_BT, segment_ids_BT, key, num_steps):
+        """Final state (h, l) of ``num_steps`` prior transitions from z_0; transition t uses fold_in(key, t).
+
+        One noise stream for every depth: a trajectory of depth n is the first n transitions of any longer
+        one with the same key, whether ``num_steps`` is a Python int or traced. (For JAX's default
+        threefry keys, ``fold_in(key, t) == jax.random.split(key, n)[t]``, the keys this model used
+        before its loops moved onto the engine, so its outputs are unchanged.) A static depth is
+        differentiable; a traced one (test-time depth, ``Trainer.evaluate``) runs gradient-free.
+        """
+        self._check_inputs(inputs_BT)
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(inputs_BT.shape[1], dtype=jnp.int32), inputs_BT.shape)
+        x_BTD = self.embed_inputs(inputs_BT)
+        step, params = self.transition_step()
+        state, _ = unroll(
+            step,
+            params,
+            self.initial_state(inputs_BT.shape[0]),
+            (x_BTD, positions_BT, segment_ids_BT, None, key),
+            num_steps=num_steps,
+            grad_steps=None if is_static_int(num_steps) else 0,
+            with_index=True,
+        )
+        return state
 
     def rollout(self, inputs_BT, positions_BT, segment_ids_BT, weights_BT, key, depth: int):
         """One prior trajectory of ``depth`` transitions from z_0 -> (prediction [B, T], reward logit, halt logit)."""
-        self._check_inputs(inputs_BT)
-        x_BTD = self.embed_inputs(inputs_BT)
-        keys = jax.random.split(key, depth)
-        graphdef, params = nnx.split(self)
-
-        def body(state, k):
-            model = nnx.merge(graphdef, params)
-            state, _ = model.transition(state, x_BTD, positions_BT, segment_ids_BT, k)
-            return state, None
-
-        (h, l), _ = jax.lax.scan(body, self.initial_state(inputs_BT.shape[0]), keys)
+        h, l = self.prior_trajectory(inputs_BT, positions_BT, segment_ids_BT, key, depth)
         pred_BT = jnp.argmax(self.logits(h), axis=-1).astype(jnp.int32)
         return pred_BT, self.reward(h, l, weights_BT), self.halt_logit(h)
 
@@ -337,44 +368,43 @@ class GramModel(nnx.Module):
         preds, reward, halt = jax.vmap(one)(jax.random.split(key, num_samples))
         return {"preds": preds, "reward": reward, "halt": halt}
 
-    def __call__(self, inputs_BT, *, positions_BT, segment_ids_BT, num_loops=None, rng=None) -> jax.Array:
-        """Logits [B, T, V] of one prior trajectory of ``num_loops`` (default eval_transitions) transitions."""
-        self._check_inputs(inputs_BT)
+    def __call__(self, inputs_BT, *, positions_BT=None, segment_ids_BT=None, num_loops=None, rng=None) -> jax.Array:
+        """Logits [B, T, V] of one prior trajectory of ``num_loops`` (default eval_transitions) transitions.
+
+        ``num_loops`` may be a traced int32 (one compile for every depth, gradient-free); ``rng`` None is
+        ``jax.random.key(0)``; positions default to 0..T-1. See `prior_trajectory` for the noise stream.
+        """
         depth = self.cfg.eval_transitions if num_loops is None else num_loops
         key = jax.random.key(0) if rng is None else rng
-        x_BTD = self.embed_inputs(inputs_BT)
-        graphdef, params = nnx.split(self)
-
-        def body(state, k):
-            state, _ = nnx.merge(graphdef, params).transition(state, x_BTD, positions_BT, segment_ids_BT, k)
-            return state, None
-
-        # A traced num_loops (Trainer.evaluate passes one) runs under fori_loop; a Python int under scan.
-        state = self.initial_state(inputs_BT.shape[0])
-        if isinstance(depth, int):
-            state, _ = jax.lax.scan(body, state, jax.random.split(key, depth))
-        else:
-            state = jax.lax.fori_loop(0, depth, lambda i, s: body(s, jax.random.fold_in(key, i))[0], state)
-        return self.logits(state[0])
+        h, _ = self.prior_trajectory(inputs_BT, positions_BT, segment_ids_BT, key, depth)
+        return self.logits(h)
 
     # -- training -----------------------------------------------------------------------------
 
     def supervision_step(self, state, x_BTD, batch, key):
-        """One deep-supervision step from a detached state -> (new detached state, loss, metrics)."""
+        """One deep-supervision step from a detached state -> (new detached state, loss, metrics).
+
+        Transitions 0..n-2 run on the engine with no gradient (``grad_steps=0``); transition n-1 carries
+        the gradient (`last_transition_loss`). Transition t draws from fold_in(key, t), its prior resample
+        from fold_in(key, n) (n = num_transitions).
+        """
         cfg = self.cfg
-        sg = jax.lax.stop_gradient
-        positions, segment_ids, targets = batch["positions"], batch["segment_ids"], batch["targets"]
-        keys = jax.random.split(key, cfg.num_transitions + 1)
-        graphdef, params = nnx.split(self)
-
-        noise_targets = targets if cfg.carry_posterior else None  # prior noise by default, as at inference
-
-        def detached(state, k):  # the earlier transitions, no gradient
-            state, _ = nnx.merge(graphdef, params).transition(state, x_BTD, positions, segment_ids, k, noise_targets)
-            return sg(state), None
-
-        state, _ = jax.lax.scan(detached, sg(state), keys[: cfg.num_transitions - 1])
-        return self.last_transition_loss(state, x_BTD, batch, keys[-2], keys[-1])
+        n = cfg.num_transitions
+        noise_targets = batch["targets"] if cfg.carry_posterior else None  # prior noise by default, as at inference
+        step, params = self.transition_step()
+        # The incoming state is detached here too: with n = 1 the engine's no-grad prefix is empty.
+        state, _ = unroll(
+            step,
+            params,
+            jax.lax.stop_gradient(state),
+            (x_BTD, batch["positions"], batch["segment_ids"], noise_targets, key),
+            num_steps=n - 1,
+            grad_steps=0,
+            with_index=True,
+        )
+        return self.last_transition_loss(
+            state, x_BTD, batch, jax.random.fold_in(key, n - 1), jax.random.fold_in(key, n)
+        )
 
     def last_transition_loss(self, state, x_BTD, batch, key, prior_key):
         """The transition that carries gradient, and the step's losses -> (detached new state, loss, metrics)."""
@@ -385,17 +415,14 @@ class GramModel(nnx.Module):
         (h, l), (u, (mu_q, ls_q), (mu_p, ls_p)) = self.transition(state, x_BTD, positions, segment_ids, key, targets)
         denom = jnp.maximum(weights.sum(), 1.0)
         logits = self.logits(h)
-        ce_of = lambda lg: (
-            ((jax.nn.logsumexp(lg, -1) - jnp.take_along_axis(lg, targets[..., None], -1)[..., 0]) * weights).sum()
-            / denom
-        )
+        ce_of = lambda logits_BTV: cross_entropy(logits_BTV, targets, weights)[0]  # weighted mean over cells
         ce = ce_of(logits)
         kl_BT = balanced_kl(mu_q, ls_q, mu_p, ls_p, cfg.kl_balance).sum(-1)
         kl = (kl_BT * weights).sum() / denom
         pred = jnp.argmax(logits, -1)
         exact_B, acc_B = exact_and_accuracy(pred, targets, weights)
         halt_B = self.halt_logit(h)
-        halt_loss = _bce_logits(halt_B, exact_B).mean()
+        halt_loss = binary_cross_entropy_with_logits(halt_B, exact_B).mean()
         # The prior-sampled last transition from the same u (the inference path): CE on it (weight
         # prior_ce_weight, reparameterised) and the critic, which scores it without shaping the latent.
         eps_p = mu_p + jnp.exp(ls_p) * jax.random.normal(prior_key, u.shape, jnp.float32)
@@ -404,7 +431,7 @@ class GramModel(nnx.Module):
         ce_prior = ce_of(logits_prior)
         _, acc_prior_B = exact_and_accuracy(jnp.argmax(sg(logits_prior), -1), targets, weights)
         reward_B = self.reward(sg(h_prior), sg(l), weights)
-        reward_loss = _bce_logits(reward_B, acc_prior_B).mean()
+        reward_loss = binary_cross_entropy_with_logits(reward_B, acc_prior_B).mean()
         loss = ce + cfg.beta * kl + cfg.halt_weight * halt_loss + cfg.reward_weight * reward_loss
         loss = loss + cfg.prior_ce_weight * ce_prior
         metrics = {
@@ -421,22 +448,38 @@ class GramModel(nnx.Module):
         }
         return sg((h if cfg.carry_posterior else h_prior, l)), loss, metrics
 
-    def loss(self, batch: dict, *, rng, train: bool = True) -> tuple[jax.Array, dict]:
-        """Deep supervision unrolled in the loss: mean over supervision steps (metrics of the last step)."""
-        del train  # the posterior needs targets, which every batch has; evaluation uses __call__ / sampling
+    def loss(self, batch: dict, *, rng, train: bool = True, carry: None = None) -> LossOutput:
+        """Deep supervision unrolled in the loss: mean over supervision steps (metrics of the last step).
+
+        Stateless for the trainer (``carry`` is unused, `LossOutput.carry` is None): every batch starts
+        from z_0. Supervision step m uses the key fold_in(rng, m); the engine records each step's loss and
+        metrics, and the state passed between steps is detached by `last_transition_loss`.
+        """
+        del train, carry  # the posterior needs targets, which every batch has; evaluation uses __call__ / sampling
         inputs = batch["inputs"]
         self._check_inputs(inputs)
         x_BTD = self.embed_inputs(inputs)
         graphdef, params = nnx.split(self)
 
-        def step(state, key):  # scanned: one compiled body serves every supervision step
-            state, loss_m, metrics_m = nnx.merge(graphdef, params).supervision_step(state, x_BTD, batch, key)
-            return state, (loss_m, metrics_m)
+        def step(params, carry, step_inputs, *, index):  # one compiled body serves every supervision step
+            x_BTD, batch = step_inputs
+            model = nnx.merge(graphdef, params)
+            return model.supervision_step(carry[0], x_BTD, batch, jax.random.fold_in(rng, index))
 
-        keys = jax.random.split(rng, self.cfg.supervision_steps)
-        _, (loss_M, metrics_M) = jax.lax.scan(step, self.initial_state(inputs.shape[0]), keys)
+        state0 = self.initial_state(inputs.shape[0])
+        shapes = jax.eval_shape(lambda: step(params, (state0, None, None), (x_BTD, batch), index=jnp.int32(0)))
+        zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+        _, (loss_M, metrics_M) = unroll(
+            step,
+            params,
+            (state0, zeros(shapes[1]), zeros(shapes[2])),
+            (x_BTD, batch),
+            num_steps=self.cfg.supervision_steps,
+            record_fn=lambda carry: carry[1:],
+            with_index=True,
+        )
         loss = loss_M.mean()
         metrics = {k: v[-1] for k, v in metrics_M.items()}  # the last supervision step
         metrics["first_step_exact"] = metrics_M["exact"][0]
         metrics["loss"] = loss
-        return loss, metrics
+        return LossOutput(loss, metrics)

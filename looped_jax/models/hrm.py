@@ -8,8 +8,9 @@ segment (one forward) runs N high-level cycles of T low-level steps (defaults N 
     y_hat = head(z_H)[:, P:],   (q_halt, q_continue) = Linear(D, 2)(z_H[:, 0])
 
 One-step gradient (Sec. 2, Eq. 4 and the 1-step approximation of the implicit-function gradient):
-every call except the last f_L and the last f_H runs without gradient (a ``jax.lax.scan`` over
-parameters under ``stop_gradient``); the carry is detached between segments. f_L and f_H are
+a segment is the loop engine's ``unroll`` over the N * T low-level steps k (step k runs f_L and,
+when (k + 1) % T == 0, f_H) with ``grad_steps=1``, so every call except the last f_L and the last
+f_H runs without gradient; the carry is detached between segments. f_L and f_H are
 stacks of post-norm blocks (h = rms(h + sublayer(h)), RMSNorm without scale, eps 1e-5, f32),
 SwiGLU, no biases, RoPE or learned positions, non-causal attention, truncated LeCun-normal
 init; tokens are embedded with std 1/sqrt(D) and scaled by sqrt(D). Initial states are fixed
@@ -27,17 +28,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from looped_jax.config import check_field
+from looped_jax.config import check_model_field as _check
 from looped_jax.models import act
-from looped_jax.nn import Block, BlockConfig, lecun_truncated, param, resolve_dtype
-from looped_jax.recurrence.unroll import is_static_int
+from looped_jax.models.protocol import LossOutput, token_eval_sums
+from looped_jax.nn import Block, BlockConfig, apply_stack, lecun_truncated, param, resolve_dtype
+from looped_jax.recurrence import is_static_int, unroll
 
 POS_ENCODINGS = ("rope", "learned")
 LEARNED_POS_SCALE = 1.0 / math.sqrt(2.0)  # x = (tok + pos) / sqrt(2) with learned positions
-
-
-def _check(ok: bool, field: str, expected: str, got) -> None:
-    check_field(ok, f"model.{field}", expected, got)
 
 
 def swiglu_hidden(dim: int, expansion: float) -> int:
@@ -193,11 +191,6 @@ class RecursiveReasoner(nnx.Module):
         q_B2 = z_H_BLD[:, 0].astype(jnp.float32) @ self.q_head_D2[...] + self.q_bias_2[...]
         return logits_BLV[:, self.puzzle_emb_len :], q_B2[:, 0], q_B2[:, 1]
 
-    def frozen(self) -> nnx.Module:
-        """A copy of this module whose parameters are under ``stop_gradient`` (the no-grad prefix)."""
-        graphdef, state = nnx.split(self)
-        return nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, state))
-
     def segment(self, z, data: dict):  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -215,8 +208,10 @@ class RecursiveReasoner(nnx.Module):
         """Per-row deep-supervision carry; every row starts halted (loads an example at step 1)."""
         return act.initial_act_carry(self.initial_states(batch_size), batch_size, self.cfg.seq_len)
 
-    def loss(self, batch: dict, *, rng: jax.Array | None = None, train: bool = True, carry: dict | None = None):
-        """One deep-supervision segment: returns (loss, (metrics, new_carry))."""
+    def loss(
+        self, batch: dict, *, rng: jax.Array | None = None, train: bool = True, carry: dict | None = None
+    ) -> LossOutput:
+        """One deep-supervision segment for every row; the new ACT carry goes to the next step."""
         if carry is None:
             carry = self.initial_carry(batch["inputs"].shape[0])
         new_carry, outputs = act.act_step(
@@ -231,15 +226,25 @@ class RecursiveReasoner(nnx.Module):
             use_continue=self.use_continue,
         )
         loss, metrics = act.act_loss(new_carry, outputs, loss_type=self.cfg.loss_type)
-        return loss, (metrics, new_carry)
+        return LossOutput(loss, metrics, new_carry)
+
+    def evaluate(self, batch: dict, *, num_loops=None, rng: jax.Array | None = None) -> dict:
+        """Summed token loss / accuracy of the answer after ``num_loops`` segments (default
+        halt_max_steps), plus ``exact_sum`` (rows whose weighted tokens are all right) and
+        ``num_rows`` (rows with any weight)."""
+        del rng
+        logits_BTV = self(batch["inputs"], num_loops=num_loops, puzzle_ids_B=batch.get("puzzle_ids"))
+        sums = token_eval_sums(logits_BTV, batch)
+        exact_B, valid_B = act.exact_match(logits_BTV, batch["targets"], batch["weights"])
+        sums.update(exact_sum=exact_B.sum().astype(jnp.float32), num_rows=valid_B.sum().astype(jnp.float32))
+        return sums
 
     def evaluate_steps(self, batch: dict, num_steps: int | None = None) -> dict:
         """Exact accuracy after every ACT step and the step the halting rule picks (act.evaluate_all_steps)."""
         steps = num_steps or self.cfg.halt_max_steps
         b = batch["inputs"].shape[0]
-        inner = lambda z, data: self.segment(z, data)
         return act.evaluate_all_steps(
-            inner, self.initial_states(b), batch, max_steps=steps, use_continue=self.use_continue
+            self.segment, self.initial_states(b), batch, max_steps=steps, use_continue=self.use_continue
         )
 
     def __call__(
@@ -254,27 +259,33 @@ class RecursiveReasoner(nnx.Module):
     ) -> jax.Array:
         """Logits after ``num_loops`` ACT segments (default halt_max_steps), no early halting.
 
-        Positions and segment ids of the batch are not used: grids are fixed-length, positions
-        are 0..P+T-1 and attention spans the whole grid, as in the public code.
+        ``num_loops`` is a Python int >= 1 or a traced int32 (values below 1 count as 1; one
+        compile for every value). Only the last segment is differentiated (the segments detach
+        their carry anyway). Positions and segment ids of the batch are not used: grids are
+        fixed-length, positions are 0..P+T-1 and attention spans the whole grid, as in the
+        public code.
         """
         del positions_BT, segment_ids_BT, rng
         b = inputs_BT.shape[0]
         data = {"inputs": inputs_BT.astype(jnp.int32)}
         data["puzzle_ids"] = jnp.zeros((b,), jnp.int32) if puzzle_ids_B is None else puzzle_ids_B
         steps = self.cfg.halt_max_steps if num_loops is None else num_loops
-        z = self.initial_states(b)
         if is_static_int(steps):
-            for _ in range(int(steps) - 1):
-                z = self.segment(z, data)[0]
-            return self.segment(z, data)[1]
-        z = jax.lax.fori_loop(0, jnp.maximum(steps, 1) - 1, lambda _, z: self.segment(z, data)[0], z)
-        return self.segment(z, data)[1]
+            _check(steps >= 1, "num_loops", ">= 1 (ACT segments)", steps)
+        else:
+            steps = jnp.maximum(jnp.asarray(steps, jnp.int32), 1)
+        graphdef, params = nnx.split(self)
 
+        def step(params, carry, data):
+            z, _ = carry
+            z, logits_BTV, _, _ = nnx.merge(graphdef, params).segment(z, data)
+            return z, logits_BTV
 
-def run_blocks(blocks, h_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
-    for block in blocks:
-        h_BLD, _ = block(h_BLD, positions_BL)
-    return h_BLD
+        logits0_BTV = jnp.zeros((b, self.cfg.seq_len, self.cfg.vocab_size), jnp.float32)
+        (_, logits_BTV), _ = unroll(
+            step, params, (self.initial_states(b), logits0_BTV), data, num_steps=steps, grad_steps=1
+        )
+        return logits_BTV
 
 
 class HRMModel(RecursiveReasoner):
@@ -299,44 +310,45 @@ class HRMModel(RecursiveReasoner):
 
     def f_low(self, z_L: jax.Array, z_H: jax.Array, x: jax.Array, positions_BL: jax.Array) -> jax.Array:
         """z_L <- f_L(z_L + z_H + x)."""
-        return run_blocks(self.l_blocks, z_L + z_H + x, positions_BL)
+        return apply_stack(self.l_blocks, z_L + z_H + x, positions_BL)[0]
 
     def f_high(self, z_H: jax.Array, z_L: jax.Array, positions_BL: jax.Array) -> jax.Array:
         """z_H <- f_H(z_H + z_L)."""
-        return run_blocks(self.h_blocks, z_H + z_L, positions_BL)
-
-    def no_grad_prefix(self, z_H, z_L, x, positions_BL):
-        """All calls of a segment but the last f_L and f_H: (N - 1) full cycles, then T - 1 f_L
-        steps, as scans over stop-gradient parameters and inputs."""
-        cfg = self.cfg
-        m = self.frozen()
-        x = jax.lax.stop_gradient(x)
-        z_H, z_L = jax.lax.stop_gradient((z_H, z_L))
-
-        def low_steps(z_L, z_H, n):
-            if n == 0:
-                return z_L
-            z_L, _ = jax.lax.scan(lambda zl, _: (m.f_low(zl, z_H, x, positions_BL), None), z_L, None, length=n)
-            return z_L
-
-        def cycle(zs, _):
-            z_H, z_L = zs
-            z_L = low_steps(z_L, z_H, cfg.l_cycles)
-            return (m.f_high(z_H, z_L, positions_BL), z_L), None
-
-        if cfg.h_cycles > 1:
-            (z_H, z_L), _ = jax.lax.scan(cycle, (z_H, z_L), None, length=cfg.h_cycles - 1)
-        z_L = low_steps(z_L, z_H, cfg.l_cycles - 1)
-        return jax.lax.stop_gradient((z_H, z_L))
+        return apply_stack(self.h_blocks, z_H + z_L, positions_BL)[0]
 
     def segment(self, z, data: dict):
-        """One forward: returns ((z_H, z_L) detached, logits [B,T,V], q_halt [B], q_continue [B])."""
-        z_H, z_L = z
+        """One forward: returns ((z_H, z_L) detached, logits [B,T,V], q_halt [B], q_continue [B]).
+
+        ``unroll`` over the N * T low-level steps with grad_steps=1: the first N * T - 1 steps see
+        parameters, inputs and carry under stop_gradient; the last (f_L, then f_H) is differentiated.
+        """
+        z_H, z_L = (jax.lax.stop_gradient(s.astype(jnp.float32)) for s in z)
         x = self.embed_inputs(data)
         positions_BL = self.positions(x.shape[0])
-        z_H, z_L = self.no_grad_prefix(z_H.astype(jnp.float32), z_L.astype(jnp.float32), x, positions_BL)
-        z_L = self.f_low(z_L, z_H, x, positions_BL)
-        z_H = self.f_high(z_H, z_L, positions_BL)
+        graphdef, params = nnx.split(self)
+        l_cycles = self.cfg.l_cycles
+
+        def high(params, z_H, z_L, positions_BL):
+            return nnx.merge(graphdef, params).f_high(z_H, z_L, positions_BL)
+
+        def keep(params, z_H, z_L, positions_BL):
+            return z_H
+
+        def low_step(params, zs, inputs, *, index):
+            z_H, z_L = zs
+            x, positions_BL = inputs
+            z_L = nnx.merge(graphdef, params).f_low(z_L, z_H, x, positions_BL)
+            z_H = jax.lax.cond((index + 1) % l_cycles == 0, high, keep, params, z_H, z_L, positions_BL)
+            return z_H, z_L
+
+        (z_H, z_L), _ = unroll(
+            low_step,
+            params,
+            (z_H, z_L),
+            (x, positions_BL),
+            num_steps=self.cfg.h_cycles * l_cycles,
+            grad_steps=1,
+            with_index=True,
+        )
         logits_BTV, q_halt_B, q_cont_B = self.heads(z_H)
-        new_z = jax.lax.stop_gradient((z_H.astype(jnp.float32), z_L.astype(jnp.float32)))
-        return new_z, logits_BTV, q_halt_B, q_cont_B
+        return jax.lax.stop_gradient((z_H, z_L)), logits_BTV, q_halt_B, q_cont_B

@@ -12,8 +12,9 @@ no encoder: a fast inner loop maximises the ELBO (Eq. 3)
 
     ELBO(x) = E_q[log p(x | z)] - KL(q || N(0, I)),   z = mu + sigma * eps (eps fixed over the loop)
 
-by ``inner_steps`` steps of Adam on (mu, log sigma^2) (dual-rate learning, Sec. 3.2), then the
-slow outer step (the Trainer's AdamW) updates the decoder on the final z. The inner loop is a
+by ``inner_steps`` steps of Adam (optax.adam, cosine learning rate) on (mu, log sigma^2)
+(dual-rate learning, Sec. 3.2), then the slow outer step (the Trainer's AdamW) updates the
+decoder on the final z. The inner loop is a
 ``jax.lax.scan`` run *inside* ``loss``, so the standard Trainer trains the model unchanged.
 
 Batching: every sequence has its own (mu, log sigma^2) and the inner objective is the sum of the
@@ -37,14 +38,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
-from looped_jax.config import check_field
+from looped_jax.config import check_model_field as _check
+from looped_jax.losses import gaussian_kl, softmax_cross_entropy
+from looped_jax.models.protocol import LossOutput
 from looped_jax.nn import Attention, Embed, RMSNorm, SwiGLU, Unembed, apply_rope, resolve_dtype, takase_std
-
-
-def _check(ok: bool, field: str, expected: str, got) -> None:
-    check_field(ok, f"model.{field}", expected, got)
+from looped_jax.recurrence import is_static_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,10 +121,10 @@ class Posterior(NamedTuple):
     logvar: jax.Array
 
 
-def gaussian_kl(post: Posterior) -> jax.Array:
+def kl_to_prior(post: Posterior) -> jax.Array:
     """KL(N(mu, sigma^2) || N(0, I)) per sequence [B]: 0.5 * sum(mu^2 + sigma^2 - log sigma^2 - 1)."""
     mu, lv = post.mu.astype(jnp.float32), post.logvar.astype(jnp.float32)
-    return 0.5 * jnp.sum(mu * mu + jnp.exp(lv) - lv - 1.0, axis=tuple(range(1, mu.ndim)))
+    return jnp.sum(gaussian_kl(mu, 0.5 * lv), axis=tuple(range(1, mu.ndim)))
 
 
 def sample_latents(post: Posterior, eps: jax.Array) -> jax.Array:
@@ -131,11 +132,19 @@ def sample_latents(post: Posterior, eps: jax.Array) -> jax.Array:
     return post.mu + jnp.exp(0.5 * post.logvar) * eps
 
 
-def inner_learning_rates(cfg: LatentThoughtConfig, num_steps: int) -> jax.Array:
+def inner_schedule(cfg: LatentThoughtConfig, num_steps: int) -> optax.Schedule:
     """Cosine schedule over the inner steps: inner_lr at step 0 down to inner_lr * end_ratio at the last."""
-    t = jnp.arange(num_steps, dtype=jnp.float32) / max(num_steps - 1, 1)
-    end = cfg.inner_lr * cfg.inner_lr_end_ratio
-    return end + (cfg.inner_lr - end) * 0.5 * (1.0 + jnp.cos(math.pi * t))
+    return optax.cosine_decay_schedule(cfg.inner_lr, max(num_steps - 1, 1), alpha=cfg.inner_lr_end_ratio)
+
+
+def inner_learning_rates(cfg: LatentThoughtConfig, num_steps: int) -> jax.Array:
+    """The inner learning rate of each of ``num_steps`` steps [num_steps]."""
+    return inner_schedule(cfg, num_steps)(jnp.arange(num_steps, dtype=jnp.int32))
+
+
+def inner_optimizer(cfg: LatentThoughtConfig, num_steps: int) -> optax.GradientTransformation:
+    """The fast optimiser: Adam on (mu, log sigma^2) with the cosine inner schedule (Sec. 3.2)."""
+    return optax.adam(inner_schedule(cfg, num_steps), b1=cfg.inner_b1, b2=cfg.inner_b2, eps=cfg.inner_eps)
 
 
 def init_posterior(cfg: LatentThoughtConfig, batch_size: int, rng: jax.Array) -> Posterior:
@@ -249,8 +258,7 @@ class LatentThoughtModel(nnx.Module):
         """(-log p(x | z) per sequence [B], correct next-token predictions per sequence [B])."""
         logits_BTV = self.decode(z_BLMD, batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
         logits_BTV = logits_BTV.astype(jnp.float32)
-        target_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
-        nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT
+        nll_BT = softmax_cross_entropy(logits_BTV, batch["targets"])
         w_BT = batch["weights"].astype(jnp.float32)
         correct_BT = (jnp.argmax(logits_BTV, axis=-1) == batch["targets"]).astype(jnp.float32)
         return (nll_BT * w_BT).sum(-1), (correct_BT * w_BT).sum(-1)
@@ -267,7 +275,8 @@ class LatentThoughtModel(nnx.Module):
         decoder_grads: bool = False,
         eps_key: jax.Array | None = None,
     ) -> tuple[Posterior, jax.Array, object]:
-        """Runs ``num_steps`` batched Adam steps on (mu, log sigma^2) maximising each sequence's ELBO.
+        """Runs ``num_steps`` batched Adam steps (``inner_optimizer``: optax.adam on the cosine inner
+        schedule) on (mu, log sigma^2) maximising each sequence's ELBO.
 
         Returns (final posterior, negative ELBO summed over the batch before each step [num_steps],
         summed decoder gradients of the inner objectives, or None unless ``decoder_grads``). Nothing
@@ -279,37 +288,28 @@ class LatentThoughtModel(nnx.Module):
         params = jax.lax.stop_gradient(params)
         has_tokens_B = (batch["weights"].sum(-1) > 0).astype(jnp.float32)
 
-        def objective(p, mu, logvar, eps):
-            post = Posterior(mu, logvar)
+        def objective(p, post, eps):
             nll_B, _ = nnx.merge(graphdef, p).row_nll(sample_latents(post, eps), batch)
-            return jnp.sum(nll_B + cfg.kl_weight * gaussian_kl(post) * has_tokens_B)
+            return jnp.sum(nll_B + cfg.kl_weight * kl_to_prior(post) * has_tokens_B)
 
-        argnums = (0, 1, 2) if decoder_grads else (1, 2)
-        grad_fn = jax.value_and_grad(objective, argnums=argnums)
-        b1, b2 = cfg.inner_b1, cfg.inner_b2
+        grad_fn = jax.value_and_grad(objective, argnums=(0, 1) if decoder_grads else 1)
+        tx = inner_optimizer(cfg, num_steps)
 
-        def step(carry, xs):
-            post, m, v, acc = carry
-            t, lr = xs
+        def step(carry, t):
+            post, opt_state, acc = carry
             eps = eps_BLMD if eps_key is None else jax.random.normal(jax.random.fold_in(eps_key, t), eps_BLMD.shape)
-            value, grads = grad_fn(params, post.mu, post.logvar, eps)
+            value, grads = grad_fn(params, post, eps)
             if decoder_grads:
                 acc = jax.tree.map(jnp.add, acc, grads[0])
-                grads = grads[1:]
-            m = jax.tree.map(lambda m_, g: b1 * m_ + (1 - b1) * g, m, tuple(grads))
-            v = jax.tree.map(lambda v_, g: b2 * v_ + (1 - b2) * g * g, v, tuple(grads))
-            c1, c2 = 1 - b1 ** (t + 1.0), 1 - b2 ** (t + 1.0)  # Adam bias corrections
-            new = jax.tree.map(
-                lambda x, m_, v_: x - lr * (m_ / c1) / (jnp.sqrt(v_ / c2) + cfg.inner_eps), tuple(post), m, v
-            )
-            return (Posterior(*new), m, v, acc), value
+                grads = grads[1]
+            updates, opt_state = tx.update(grads, opt_state)
+            return (optax.apply_updates(post, updates), opt_state, acc), value
 
-        zeros = (jnp.zeros_like(post0.mu), jnp.zeros_like(post0.logvar))
         acc0 = jax.tree.map(jnp.zeros_like, params) if decoder_grads else None
         if num_steps == 0:
             return post0, jnp.zeros((0,), jnp.float32), acc0
-        xs = (jnp.arange(num_steps, dtype=jnp.int32), inner_learning_rates(cfg, num_steps))
-        (post, _, _, acc), trace = jax.lax.scan(step, (post0, zeros, zeros, acc0), xs)
+        carry0 = (post0, tx.init(post0), acc0)
+        (post, _, acc), trace = jax.lax.scan(step, carry0, jnp.arange(num_steps, dtype=jnp.int32))
         return post, trace, acc
 
     def _posterior_for(self, batch: dict, num_steps: int, rng: jax.Array, decoder_grads: bool = False):
@@ -326,19 +326,24 @@ class LatentThoughtModel(nnx.Module):
 
     # -- training and evaluation ---------------------------------------------------------------
 
-    def loss(self, batch: dict, *, rng: jax.Array, train: bool = True) -> tuple[jax.Array, dict]:
+    def initial_carry(self, batch_size: int) -> None:
+        """Stateless across training steps: each step infers its posteriors from scratch."""
+        del batch_size
+        return None
+
+    def loss(self, batch: dict, *, rng: jax.Array, train: bool = True, carry: None = None) -> LossOutput:
         """Negative ELBO per token at the posterior found by the inner loop (slow outer objective).
 
         The decoder gradient flows only through log p(x | z_final) (the KL does not depend on the
         decoder); with ``inner_grads_to_decoder`` the inner steps' decoder gradients are added via a
         zero-valued surrogate term sum <stop_grad(g), theta> - stop_grad(<g, theta>).
         """
-        del train
+        del train, carry
         cfg = self.cfg
         post, eps, trace, acc = self._posterior_for(batch, cfg.inner_steps, rng, cfg.inner_grads_to_decoder)
         nll_B, correct_B = self.row_nll(sample_latents(post, eps), batch)
         has_tokens_B = (batch["weights"].sum(-1) > 0).astype(jnp.float32)
-        kl_B = gaussian_kl(post) * has_tokens_B
+        kl_B = kl_to_prior(post) * has_tokens_B
         n = jnp.maximum(batch["weights"].astype(jnp.float32).sum(), 1.0)
         loss = (nll_B.sum() + cfg.kl_weight * kl_B.sum()) / n
         if acc is not None:
@@ -356,7 +361,26 @@ class LatentThoughtModel(nnx.Module):
         }
         if cfg.inner_steps:
             metrics["inner_first"] = trace[0] / n
-        return loss, metrics
+        return LossOutput(loss, metrics)
+
+    def evaluate(self, batch: dict, *, num_loops: int | None = None, rng: jax.Array | None = None) -> dict:
+        """Sums of the ELBO (a bound, NLL + KL) with the inner loop run on the evaluated text itself:
+        {"loss_sum": nll_sum + kl_sum, "correct", "num_tokens"} (see ``elbo``).
+
+        ``num_loops`` is the number of inner steps (a Python int; default ``inner_steps``); ``rng``
+        seeds the posterior initialisation, eps and the scoring samples (default key 0).
+        """
+        if num_loops is None:
+            steps = self.cfg.inner_steps
+        elif is_static_int(num_loops) and num_loops >= 0:
+            steps = int(num_loops)
+        else:
+            raise ValueError(
+                "num_loops of a latent_thought model sets the inner step count, a scan length: it must be a "
+                f"Python int >= 0 or None (inner_steps={self.cfg.inner_steps}), got {num_loops!r}"
+            )
+        o = self.elbo(batch, steps, jax.random.key(0) if rng is None else rng)
+        return {"loss_sum": o["nll_sum"] + o["kl_sum"], "correct": o["correct"], "num_tokens": o["num_tokens"]}
 
     def elbo(self, batch: dict, num_inner_steps: int, rng: jax.Array, *, num_samples: int = 1) -> dict:
         """ELBO terms with the inner loop run ``num_inner_steps`` times on ``batch`` (sums over it):
@@ -378,7 +402,7 @@ class LatentThoughtModel(nnx.Module):
         _, (nll_S, correct_S) = jax.lax.scan(one_sample, None, jax.random.split(k_eval, num_samples))
         return {
             "nll_sum": nll_S.mean(),
-            "kl_sum": (gaussian_kl(post) * has_tokens_B).sum(),
+            "kl_sum": (kl_to_prior(post) * has_tokens_B).sum(),
             "correct": correct_S.mean(),
             "num_tokens": batch["weights"].astype(jnp.float32).sum(),
             "nll_sum_fitted_eps": nll_fit_B.sum(),

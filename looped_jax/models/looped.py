@@ -21,15 +21,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from looped_jax.config import check_field
+from looped_jax.config import check_model_field as _check
+from looped_jax.losses import cross_entropy
+from looped_jax.models.protocol import LossOutput, TokenModel
 from looped_jax.nn import Block, BlockConfig, Embed, KVCache, RMSNorm, Unembed, resolve_dtype, takase_std
-from looped_jax.recurrence import REMAT_POLICIES, resolve_remat_policy, unroll
-from looped_jax.recurrence.unroll import is_static_int
-from looped_jax.train.losses import cross_entropy
-
-
-def _check(ok: bool, field: str, expected: str, got) -> None:
-    check_field(ok, f"model.{field}", expected, got)
+from looped_jax.recurrence import REMAT_POLICIES, is_static_int, unroll
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +141,7 @@ def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
     return nnx.merge(graphdef, stacked)
 
 
-class LoopedModel(nnx.Module):
+class LoopedModel(TokenModel, nnx.Module):
     """Embedding -> loop body (shared, or stacked per loop) -> final norm -> head."""
 
     def __init__(self, cfg: LoopedConfig, *, rngs: nnx.Rngs):
@@ -205,34 +201,31 @@ class LoopedModel(nnx.Module):
         x_BTD = self.initial_state(e_BTD)
         step, params = self.body_step_fn()
         inputs = (e_BTD, positions_BT, segment_ids_BT)
-        if cfg.share_weights:
-            static = is_static_int(num_loops)
-            x_BTD, _ = unroll(
-                step,
-                params,
-                x_BTD,
-                inputs,
-                num_steps=num_loops,
-                grad_steps=None if static else cfg.num_loops,
-                remat_policy=cfg.remat_policy or None,
+        if not cfg.share_weights and (not is_static_int(num_loops) or num_loops != cfg.num_loops):
+            raise ValueError(
+                f"share_weights=False has exactly num_loops={cfg.num_loops} loop bodies; got num_loops={num_loops!r}"
             )
-        else:
-            if not is_static_int(num_loops) or num_loops != cfg.num_loops:
-                raise ValueError(
-                    f"share_weights=False has exactly num_loops={cfg.num_loops} loop bodies; "
-                    f"got num_loops={num_loops!r}"
-                )
-            policy = resolve_remat_policy(cfg.remat_policy or None)
-            fn = step if policy is None else jax.checkpoint(step, policy=policy, prevent_cse=False)
-            x_BTD, _ = jax.lax.scan(lambda x, p: (fn(p, x, inputs), None), x_BTD, params)
+        static = is_static_int(num_loops)
+        # Shared weights are closed over by the engine's scan; unshared bodies are stacked on a
+        # leading axis and sliced per step (stacked_params).
+        x_BTD, _ = unroll(
+            step,
+            params,
+            x_BTD,
+            inputs,
+            num_steps=num_loops,
+            grad_steps=None if static else cfg.num_loops,
+            remat_policy=cfg.remat_policy or None,
+            stacked_params=not cfg.share_weights,
+        )
         return self.head(x_BTD)
 
-    def loss(self, batch: dict, *, rng: jax.Array, train: bool = True) -> tuple[jax.Array, dict]:
+    def loss(self, batch: dict, *, rng: jax.Array, train: bool = True, carry: None = None) -> LossOutput:
         """Weighted next-token cross-entropy (the model is deterministic; ``rng`` is unused)."""
-        del train
+        del train, carry
         logits_BTV = self(
             batch["inputs"], positions_BT=batch.get("positions"), segment_ids_BT=batch.get("segment_ids"), rng=rng
         )
         loss, metrics = cross_entropy(logits_BTV, batch["targets"], batch["weights"])
         metrics["num_loops"] = jnp.asarray(self.cfg.num_loops, jnp.float32)
-        return loss, metrics
+        return LossOutput(loss, metrics)

@@ -22,7 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from looped_jax.config import check_field
+from looped_jax.config import check_model_field as _check
+from looped_jax.losses import cross_entropy
+from looped_jax.models.protocol import LossOutput, TokenModel
 from looped_jax.nn import (
     Block,
     BlockConfig,
@@ -37,13 +39,8 @@ from looped_jax.nn import (
 )
 from looped_jax.nn.linear import dense
 from looped_jax.recurrence import REMAT_POLICIES, iterate_to_convergence, unroll
-from looped_jax.train.losses import cross_entropy
 
 STATE_INIT_STD = math.sqrt(2.0 / 5.0)
-
-
-def _check(ok: bool, field: str, expected: str, got) -> None:
-    check_field(ok, f"model.{field}", expected, got)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +159,7 @@ class AdaptiveOutput(NamedTuple):
     converged_BT: jax.Array  # bool; False where max_loops ran out first
 
 
-class RecurrentDepthModel(nnx.Module):
+class RecurrentDepthModel(TokenModel, nnx.Module):
     """Prelude -> shared recurrent core (r iterations) -> coda -> tied head."""
 
     def __init__(self, cfg: RecurrentDepthConfig, *, rngs: nnx.Rngs):
@@ -286,9 +283,10 @@ class RecurrentDepthModel(nnx.Module):
             r = jnp.minimum(r, cfg.max_train_loops)
         return r.astype(jnp.int32)
 
-    def loss(self, batch: dict, *, rng: jax.Array, train: bool = True) -> tuple[jax.Array, dict]:
-        """Weighted next-token cross-entropy. Training samples r from ``rng``; evaluation uses
-        ``eval_loops``. s_0 noise also comes from ``rng``, so a step is reproducible everywhere."""
+    def loss(self, batch: dict, *, rng: jax.Array, train: bool = True, carry: None = None) -> LossOutput:
+        """Weighted next-token cross-entropy (stateless: ``carry`` is unused). Training samples r
+        from ``rng``; evaluation uses ``eval_loops``. s_0 noise also comes from ``rng``, so a step
+        is reproducible everywhere."""
         loop_key, state_key = jax.random.split(rng)
         num_loops = self.sample_num_loops(loop_key) if train else self.cfg.default_eval_loops
         logits_BTV, _ = self.forward(
@@ -300,7 +298,7 @@ class RecurrentDepthModel(nnx.Module):
         )
         loss, metrics = cross_entropy(logits_BTV, batch["targets"], batch["weights"])
         metrics["num_loops"] = jnp.asarray(num_loops, jnp.float32)
-        return loss, metrics
+        return LossOutput(loss, metrics)
 
     def adaptive_forward(
         self,

@@ -37,17 +37,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from looped_jax.config import check_field
+from looped_jax.config import check_model_field as _check
+from looped_jax.losses import cross_entropy
 from looped_jax.models.neural_memory import MEMORY_KINDS, MemoryCarry, NeuralMemory
+from looped_jax.models.protocol import LossOutput, TokenModel
 from looped_jax.nn import Attention, Embed, RMSNorm, SwiGLU, Unembed, param, resolve_dtype, takase_std, truncated_normal
-from looped_jax.train.losses import cross_entropy
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "swa")
 _NEG = -1e30
-
-
-def _check(ok: bool, field: str, expected: str, got) -> None:
-    check_field(ok, f"model.{field}", expected, got)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,7 +342,7 @@ class TitansLayer(nnx.Module):
         return x_BTD, LayerCarry(mem, win)
 
 
-class TitansModel(nnx.Module):
+class TitansModel(TokenModel, nnx.Module):
     """Embedding -> Titans layers -> final norm -> (tied) head."""
 
     def __init__(self, cfg: TitansConfig, *, rngs: nnx.Rngs):
@@ -407,10 +404,10 @@ class TitansModel(nnx.Module):
         logits, _ = self.forward(inputs_BT, positions_BT, valid, self.init_state(inputs_BT.shape[0]))
         return logits
 
-    def loss(self, batch: dict, *, rng: jax.Array, train: bool = True) -> tuple[jax.Array, dict]:
-        """Weighted next-token cross-entropy."""
-        del train
+    def loss(self, batch: dict, *, rng: jax.Array, train: bool = True, carry: None = None) -> LossOutput:
+        """Weighted next-token cross-entropy (stateless: ``carry`` is unused)."""
+        del train, carry
         logits = self(
             batch["inputs"], positions_BT=batch.get("positions"), segment_ids_BT=batch.get("segment_ids"), rng=rng
         )
-        return cross_entropy(logits, batch["targets"], batch["weights"])
+        return LossOutput(*cross_entropy(logits, batch["targets"], batch["weights"]))

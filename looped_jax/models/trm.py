@@ -11,6 +11,10 @@ continue head target and no extra forward. P = 16 prefix positions (the puzzle e
 the first, the rest zero "registers"). ``mixer="mlp"`` is the MLP-mixer variant for fixed-size
 grids: attention is replaced by a SwiGLU along the sequence axis (post-norm over that axis, as
 the public code does). Training keeps an EMA of the weights (optim.ema_decay = 0.999).
+
+Both loops are the loop engine's ``unroll``: deep recursion is ``unroll(latent_recursion_step,
+num_steps=T, grad_steps=1)`` and the n z-updates inside a latent recursion are an ``unroll`` with
+full backprop.
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ from looped_jax.models.hrm import (
     _check,
     lecun_init_block,
     post_norm_block_config,
-    run_blocks,
     swiglu_hidden,
     validate_reasoner_fields,
 )
-from looped_jax.nn import Block, SwiGLU, lecun_truncated, param, resolve_dtype
+from looped_jax.nn import Block, SwiGLU, apply_stack, lecun_truncated, param, resolve_dtype
+from looped_jax.recurrence import unroll
 
 MIXERS = ("attention", "mlp")
 
@@ -111,8 +115,20 @@ class SeqMixerBlock(nnx.Module):
         x32 = x.astype(jnp.float32)
         return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + self.eps)).astype(x.dtype)
 
-    def __call__(self, h_BLD: jax.Array, positions_BL: jax.Array | None = None) -> tuple[jax.Array, None]:
-        del positions_BL
+    def __call__(
+        self,
+        h_BLD: jax.Array,
+        positions_BL: jax.Array | None = None,
+        segment_ids_BL: jax.Array | None = None,
+        *,
+        cache=None,
+        cache_index=None,
+    ) -> tuple[jax.Array, None]:
+        """Block signature of ``looped_jax.nn.Block`` (so ``apply_stack`` runs it); no positions,
+        segments or KV cache: the sequence SwiGLU mixes the whole fixed-length grid."""
+        if cache is not None or cache_index is not None:
+            raise ValueError("SeqMixerBlock (mixer='mlp') has no KV cache; call it with cache=None")
+        del positions_BL, segment_ids_BL
         x = h_BLD.astype(self.dtype)
         cast = lambda p: p[...].astype(self.dtype)
         gate_BDF = jnp.einsum("bld,lf->bdf", x, cast(self.seq_gate_LF))
@@ -142,36 +158,42 @@ class TRMModel(RecursiveReasoner):
 
     def net(self, h_BLD: jax.Array, injection_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
         """net(h + injection): the one shared 2-layer network."""
-        return run_blocks(self.blocks, h_BLD + injection_BLD, positions_BL)
+        return apply_stack(self.blocks, h_BLD + injection_BLD, positions_BL)[0]
 
-    def latent_recursion(self, y, z, x, positions_BL):
-        """n times z <- net(z + y + x), then y <- net(y + z) (n + 1 calls)."""
-        z, _ = jax.lax.scan(
-            lambda z, _: (self.net(z, y + x, positions_BL), None), z, None, length=self.cfg.latent_steps
-        )
-        return self.net(y, z, positions_BL), z
+    def latent_recursion_step(self, graphdef: nnx.GraphDef):
+        """The pure engine step of one latent recursion, ``step(params, (y, z), (x, positions)) -> (y, z)``:
+        n times z <- net(z + y + x) (an inner ``unroll``, full backprop), then y <- net(y + z)."""
+        latent_steps = self.cfg.latent_steps
 
-    def no_grad_recursions(self, y, z, x, positions_BL):
-        """T - 1 latent recursions as a scan over stop-gradient parameters and inputs."""
-        y, z = jax.lax.stop_gradient((y, z))
-        if self.cfg.recursions == 1:
-            return y, z
-        m = self.frozen()
-        xs = jax.lax.stop_gradient(x)
-        (y, z), _ = jax.lax.scan(
-            lambda yz, _: (m.latent_recursion(*yz, xs, positions_BL), None),
-            (y, z),
-            None,
-            length=self.cfg.recursions - 1,
-        )
-        return jax.lax.stop_gradient((y, z))
+        def z_step(params, z, inputs):
+            yx, positions_BL = inputs
+            return nnx.merge(graphdef, params).net(z, yx, positions_BL)
+
+        def step(params, yz, inputs):
+            y, z = yz
+            x, positions_BL = inputs
+            z, _ = unroll(z_step, params, z, (y + x, positions_BL), num_steps=latent_steps)
+            return nnx.merge(graphdef, params).net(y, z, positions_BL), z
+
+        return step
 
     def segment(self, zs, data: dict):
-        """One forward (deep recursion): ((y, z) detached, logits [B,T,V], q_halt [B], q_continue [B])."""
-        y, z = (s.astype(jnp.float32) for s in zs)
+        """One forward (deep recursion): ((y, z) detached, logits [B,T,V], q_halt [B], q_continue [B]).
+
+        ``unroll`` of T latent recursions with grad_steps=1: the first T - 1 see parameters, inputs
+        and carry under stop_gradient; the last is differentiated through all its n + 1 calls.
+        """
+        y, z = (jax.lax.stop_gradient(s.astype(jnp.float32)) for s in zs)
         x = self.embed_inputs(data)
         positions_BL = self.positions(x.shape[0])
-        y, z = self.no_grad_recursions(y, z, x, positions_BL)
-        y, z = self.latent_recursion(y, z, x, positions_BL)
+        graphdef, params = nnx.split(self)
+        (y, z), _ = unroll(
+            self.latent_recursion_step(graphdef),
+            params,
+            (y, z),
+            (x, positions_BL),
+            num_steps=self.cfg.recursions,
+            grad_steps=1,
+        )
         logits_BTV, q_halt_B, q_cont_B = self.heads(y)
         return jax.lax.stop_gradient((y, z)), logits_BTV, q_halt_B, q_cont_B

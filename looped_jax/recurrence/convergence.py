@@ -41,6 +41,7 @@ class ConvergenceResult(NamedTuple):
       kl: float32 [max_steps, B], same convention for KL(p_k || p_{k-1}) of the
         readout distributions; None without a readout.
       num_iterations: int32 scalar, how many times the loop body ran.
+      aux: the final aux pytree (None without one).
     """
 
     state: jax.Array
@@ -49,6 +50,7 @@ class ConvergenceResult(NamedTuple):
     residuals: jax.Array
     kl: jax.Array | None
     num_iterations: jax.Array
+    aux: Any = None
 
 
 def kl_divergence(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
@@ -119,6 +121,10 @@ def iterate_to_convergence(
     argmax_patience: int | None = None,
     granularity: str = "token",
     min_steps: int = 1,
+    aux: PyTree = None,
+    with_index: bool = False,
+    with_active: bool = False,
+    initial_logits: jax.Array | None = None,
 ) -> ConvergenceResult:
     """Runs ``state <- step(params, state, inputs)`` until every element converged.
 
@@ -136,6 +142,18 @@ def iterate_to_convergence(
     have converged or after ``max_steps`` iterations. Runs a ``while_loop``, so it
     is for inference and analysis, not reverse-mode differentiation.
 
+    Extra step arguments, for steps that carry more than the latent (a KV cache, a
+    counter) or must know which elements still run:
+
+    * ``aux``: a pytree carried beside the state; the step is then called as
+      ``step(params, (state, aux), inputs) -> (state, aux)``. The engine masks only
+      the state; the step decides what a converged element does to its aux.
+    * ``with_index``: ``step(..., index=k)``, k the int32 0-based iteration.
+    * ``with_active``: ``step(..., active=mask)``, the bool per-element mask of
+      elements still iterating (shape of ``steps``) before this iteration.
+    * ``initial_logits``: the readout the first KL is measured against (default
+      ``readout(params, state)``; e.g. zeros for a uniform start, as Geiping et al.).
+
     Args:
       step: pure ``step(params, state, inputs) -> state``.
       params: shared weights.
@@ -148,6 +166,10 @@ def iterate_to_convergence(
       argmax_patience: number of consecutive steps with unchanged argmax.
       granularity: "token" or "example".
       min_steps: minimum number of applications before an element may converge.
+      aux: extra carried pytree (see above); returned as ``ConvergenceResult.aux``.
+      with_index: pass ``index=`` to the step.
+      with_active: pass ``active=`` to the step.
+      initial_logits: logits [B, ..., V] the first KL compares with.
 
     Returns:
       A `ConvergenceResult`.
@@ -189,8 +211,15 @@ def iterate_to_convergence(
         "active": jnp.ones(elem_shape, bool),
         "residuals": jnp.full((max_steps, batch), jnp.nan, jnp.float32),
     }
+    if initial_logits is not None and readout is None:
+        raise ValueError("initial_logits needs a readout function.")
+    if aux is not None:
+        init["aux"] = aux
     if readout is not None:
-        logits0 = logits32(state)
+        if initial_logits is None:
+            logits0 = logits32(state)
+        else:
+            logits0 = jnp.broadcast_to(initial_logits.astype(jnp.float32), jax.eval_shape(logits32, state).shape)
         init["logits"] = logits0
         init["kl"] = jnp.full((max_steps, batch), jnp.nan, jnp.float32)
         if argmax_patience is not None:
@@ -204,7 +233,15 @@ def iterate_to_convergence(
         k = c["k"] + 1
         active = c["active"]
         active_tok = elem_to_token(active)
-        new = step(params, c["state"], inputs)
+        kwargs = {}
+        if with_index:
+            kwargs["index"] = k - 1
+        if with_active:
+            kwargs["active"] = active
+        if aux is None:
+            new = step(params, c["state"], inputs, **kwargs)
+        else:
+            new, new_aux = step(params, (c["state"], c["aux"]), inputs, **kwargs)
         rel = relative_change(new, c["state"])
         conv = jnp.full(elem_shape, k >= min_steps)
         if tol is not None:
@@ -230,6 +267,8 @@ def iterate_to_convergence(
         out["residuals"] = c["residuals"].at[k - 1].set(elem_max_to_example(jnp.where(active, rel, 0.0)))
         out["active"] = active & ~conv
         out["k"] = k
+        if aux is not None:
+            out["aux"] = new_aux
         return out
 
     final = jax.lax.while_loop(cond, body, init)
@@ -240,4 +279,5 @@ def iterate_to_convergence(
         residuals=final["residuals"],
         kl=final.get("kl"),
         num_iterations=final["k"],
+        aux=final.get("aux"),
     )

@@ -16,14 +16,14 @@ surplus iterations are masked out.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 PyTree = Any
-StepFn = Callable[[PyTree, PyTree, PyTree], PyTree]
+StepFn = Callable[..., PyTree]  # step(params, carry, inputs[, xs=, index=]) -> carry
 RecordFn = Callable[[PyTree], PyTree]
 
 REMAT_POLICIES: dict[str, Callable[..., Any]] = {
@@ -51,7 +51,43 @@ def is_static_int(x: Any) -> bool:
 
 
 def _stop_gradient(tree: PyTree) -> PyTree:
-    return jax.tree.map(jax.lax.stop_gradient, tree)
+    """stop_gradient on the inexact leaves (PRNG keys and integers pass through unchanged)."""
+
+    def sg(x):
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact):
+            return jax.lax.stop_gradient(x)
+        return x
+
+    return jax.tree.map(sg, tree)
+
+
+def _index(tree: PyTree, i: Any) -> PyTree:
+    """Entry ``i`` of every leaf's leading axis (static or traced ``i``)."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
+
+
+class _Caller(NamedTuple):
+    """How the engine calls a step: the options decide which extra keyword arguments it gets.
+
+    ``xs``: per-step inputs, a pytree with a leading step axis (``step(..., xs=xs[t])``);
+    ``with_index``: ``step(..., index=t)`` with t the int32 0-based step index;
+    ``stacked_params``: params carry a leading step axis and step t gets ``params[t]`` (the
+    unshared baseline of a looped model: per-iteration weights stacked on a ``layers`` axis).
+    """
+
+    step: StepFn
+    xs: PyTree
+    with_index: bool
+    stacked_params: bool
+
+    def __call__(self, fn: StepFn, params: PyTree, carry: PyTree, inputs: PyTree, t: Any, xs: PyTree) -> PyTree:
+        kwargs = {}
+        if self.xs is not None:
+            kwargs["xs"] = _index(xs, t)
+        if self.with_index:
+            kwargs["index"] = jnp.asarray(t, jnp.int32)
+        p = _index(params, t) if self.stacked_params else params
+        return fn(p, carry, inputs, **kwargs)
 
 
 def _make_apply(step: StepFn, remat_policy: Any) -> StepFn:
@@ -63,33 +99,59 @@ def _make_apply(step: StepFn, remat_policy: Any) -> StepFn:
     return jax.checkpoint(step, policy=policy, prevent_cse=False)
 
 
-def _validate(num_steps: Any, grad_steps: Any, max_steps: Any, record_fn: Any) -> bool:
+def _leading_lengths(tree: PyTree) -> set[int]:
+    return {jnp.shape(x)[0] if jnp.ndim(x) else -1 for x in jax.tree.leaves(tree)}
+
+
+def _validate(
+    num_steps: Any,
+    grad_steps: Any,
+    max_steps: Any,
+    record_fn: Any,
+    params: PyTree,
+    xs: PyTree,
+    stacked_params: bool,
+) -> bool:
     """Checks the loop arguments; returns True when num_steps is static."""
-    if grad_steps is not None and (not is_static_int(grad_steps) or grad_steps < 1):
-        raise ValueError(f"grad_steps must be None or a Python int >= 1, got {grad_steps!r}.")
+    if grad_steps is not None and (not is_static_int(grad_steps) or grad_steps < 0):
+        raise ValueError(f"grad_steps must be None or a Python int >= 0, got {grad_steps!r}.")
     if max_steps is not None and (not is_static_int(max_steps) or max_steps < 0):
         raise ValueError(f"max_steps must be None or a Python int >= 0, got {max_steps!r}.")
-    if is_static_int(num_steps):
+    static = is_static_int(num_steps)
+    if static:
         if num_steps < 0:
             raise ValueError(f"num_steps must be >= 0, got {num_steps}.")
         if max_steps is not None and num_steps > max_steps:
             raise ValueError(f"num_steps={num_steps} exceeds max_steps={max_steps}.")
-        return True
-    if isinstance(num_steps, (bool, float)) or not hasattr(num_steps, "dtype"):
-        raise ValueError(f"num_steps must be a Python int or an integer JAX scalar, got {num_steps!r}.")
-    if jnp.ndim(num_steps) != 0 or not jnp.issubdtype(num_steps.dtype, jnp.integer):
-        raise ValueError(
-            "A traced num_steps must be an integer scalar, got shape "
-            f"{jnp.shape(num_steps)} and dtype {num_steps.dtype}."
-        )
-    if grad_steps is None:
-        raise ValueError(
-            "grad_steps must be a static int when num_steps is traced (the "
-            "differentiated phase is a scan of static length grad_steps)."
-        )
-    if record_fn is not None and max_steps is None:
-        raise ValueError("record_fn with a traced num_steps needs a static max_steps (the trajectory length).")
-    return False
+    else:
+        if isinstance(num_steps, (bool, float)) or not hasattr(num_steps, "dtype"):
+            raise ValueError(f"num_steps must be a Python int or an integer JAX scalar, got {num_steps!r}.")
+        if jnp.ndim(num_steps) != 0 or not jnp.issubdtype(num_steps.dtype, jnp.integer):
+            raise ValueError(
+                "A traced num_steps must be an integer scalar, got shape "
+                f"{jnp.shape(num_steps)} and dtype {num_steps.dtype}."
+            )
+        if grad_steps is None:
+            raise ValueError(
+                "grad_steps must be a static int when num_steps is traced (the "
+                "differentiated phase is a scan of static length grad_steps)."
+            )
+        if record_fn is not None and max_steps is None:
+            raise ValueError("record_fn with a traced num_steps needs a static max_steps (the trajectory length).")
+    for name, tree in (("xs", xs), ("params (stacked_params=True)", params if stacked_params else None)):
+        if tree is None:
+            continue
+        lengths = _leading_lengths(tree)
+        if len(lengths) != 1:
+            raise ValueError(f"every leaf of {name} needs the same leading step axis, got lengths {sorted(lengths)}.")
+        (length,) = lengths
+        need = num_steps if static else max_steps
+        if need is None:
+            raise ValueError(f"{name} with a traced num_steps needs a static max_steps (the length of its step axis).")
+        if (length < need) if static else (length != need):
+            expected = f">= num_steps={num_steps}" if static else f"== max_steps={max_steps}"
+            raise ValueError(f"{name} has a leading step axis of length {length}; expected {expected}.")
+    return static
 
 
 def _pad_with_last(traj: PyTree, final_record: PyTree, length: int) -> PyTree:
@@ -103,8 +165,8 @@ def _pad_with_last(traj: PyTree, final_record: PyTree, length: int) -> PyTree:
 
 
 def _unroll_static(
+    call: _Caller,
     apply: StepFn,
-    step: StepFn,
     params: PyTree,
     carry: PyTree,
     inputs: PyTree,
@@ -116,26 +178,23 @@ def _unroll_static(
     n_grad = num_steps if grad_steps is None else min(num_steps, grad_steps)
     n_nograd = num_steps - n_grad
 
-    def scan_phase(fn, p, c, x, length):
-        def body(c, _):
-            c = fn(p, c, x)
+    def scan_phase(fn, p, c, x, xs, start, length):
+        def body(c, t):
+            c = call(fn, p, c, x, t, xs)
             return c, (None if record_fn is None else record_fn(c))
 
-        return jax.lax.scan(body, c, None, length=length)
+        return jax.lax.scan(body, c, jnp.arange(start, start + length, dtype=jnp.int32))
 
     trajs = []
     if n_nograd > 0:
-        carry, traj = scan_phase(
-            step,
-            _stop_gradient(params),
-            _stop_gradient(carry),
-            _stop_gradient(inputs),
-            n_nograd,
-        )
+        sg = _stop_gradient
+        carry, traj = scan_phase(call.step, sg(params), sg(carry), sg(inputs), sg(call.xs), 0, n_nograd)
         trajs.append(traj)
     if n_grad > 0 or not trajs:
-        carry, traj = scan_phase(apply, params, carry, inputs, n_grad)
+        carry, traj = scan_phase(apply, params, carry, inputs, call.xs, n_nograd, n_grad)
         trajs.append(traj)
+    if grad_steps == 0:
+        carry = _stop_gradient(carry)  # also for num_steps == 0: the result is never differentiated
     if record_fn is None:
         return carry, None
     traj = jax.tree.map(lambda *t: jnp.concatenate(t, axis=0), *trajs)
@@ -145,8 +204,8 @@ def _unroll_static(
 
 
 def _unroll_traced(
+    call: _Caller,
     apply: StepFn,
-    step: StepFn,
     params: PyTree,
     carry: PyTree,
     inputs: PyTree,
@@ -164,9 +223,9 @@ def _unroll_traced(
     # Phase 1: gradient-free prefix with a dynamic trip count. Every input is
     # stop_gradient-ed, so the while_loop's tangents are symbolic zeros and
     # reverse mode never has to transpose it.
-    p0, c0, x0 = _stop_gradient(params), _stop_gradient(carry), _stop_gradient(inputs)
+    p0, c0, x0, xs0 = (_stop_gradient(t) for t in (params, carry, inputs, call.xs))
     if record_fn is None:
-        c_nograd = jax.lax.fori_loop(0, n_nograd, lambda i, c: step(p0, c, x0), c0)
+        c_nograd = jax.lax.fori_loop(0, n_nograd, lambda i, c: call(call.step, p0, c, x0, i, xs0), c0)
         buf = None
     else:
         rec_shapes = jax.eval_shape(record_fn, carry)
@@ -174,7 +233,7 @@ def _unroll_traced(
 
         def body(i, val):
             c, b = val
-            c = step(p0, c, x0)
+            c = call(call.step, p0, c, x0, i, xs0)
             b = jax.tree.map(
                 lambda bb, r: jax.lax.dynamic_update_index_in_dim(bb, r, i, 0),
                 b,
@@ -183,14 +242,30 @@ def _unroll_traced(
             return c, b
 
         c_nograd, buf = jax.lax.fori_loop(0, n_nograd, body, (c0, buf0))
+    if grad_steps == 0:
+        carry_out = _stop_gradient(c_nograd)
+        if record_fn is None:
+            return carry_out, None
+        t = jnp.arange(max_steps, dtype=jnp.int32)
+        last = record_fn(carry_out)
+
+        def fill(b, r):
+            mask = (t < n_nograd).reshape((max_steps,) + (1,) * (b.ndim - 1))
+            return jnp.where(mask, b, jnp.broadcast_to(r, b.shape))
+
+        return carry_out, jax.tree.map(fill, buf, last)
     # With an empty prefix the initial carry itself must keep its gradient.
     has_prefix = n_nograd > 0
     start = jax.tree.map(lambda a, b: jnp.where(has_prefix, a, b), c_nograd, carry)
+    last_step = max(max_steps - 1, 0) if max_steps is not None else None
 
     # Phase 2: static-length scan; iterations i >= n_grad keep the carry. A cond (not a
     # compute-then-select) skips the step's work, forward and backward, when r < grad_steps.
     def grad_body(c, i):
-        c = jax.lax.cond(i < n_grad, lambda c: apply(params, c, inputs), lambda c: c, c)
+        t = n_nograd + i
+        if last_step is not None:
+            t = jnp.minimum(t, last_step)
+        c = jax.lax.cond(i < n_grad, lambda c: call(apply, params, c, inputs, t, call.xs), lambda c: c, c)
         return c, (None if record_fn is None else record_fn(c))
 
     carry_out, ys = jax.lax.scan(grad_body, start, jnp.arange(grad_steps, dtype=jnp.int32))
@@ -221,13 +296,25 @@ def unroll(
     remat_policy: str | Callable[..., Any] | None = None,
     record_fn: RecordFn | None = None,
     max_steps: int | None = None,
+    xs: PyTree = None,
+    with_index: bool = False,
+    stacked_params: bool = False,
 ) -> tuple[PyTree, PyTree | None]:
     """Applies ``carry <- step(params, carry, inputs)`` ``num_steps`` times.
 
     Truncated backprop: the first ``max(num_steps - grad_steps, 0)`` steps run under
     ``stop_gradient`` (params, inputs and carry), the last ``min(num_steps,
-    grad_steps)`` are differentiated. ``grad_steps=None`` differentiates every step.
-    When the prefix is non-empty the initial carry gets a zero gradient.
+    grad_steps)`` are differentiated. ``grad_steps=None`` differentiates every step,
+    ``grad_steps=0`` none (the result is under ``stop_gradient``). When the prefix is
+    non-empty the initial carry gets a zero gradient.
+
+    Per-step data: with ``xs`` (a pytree whose leaves lead with a step axis) step ``t``
+    is called as ``step(params, carry, inputs, xs=xs[t])`` (e.g. one PRNG key per step);
+    ``with_index=True`` adds ``index=t`` (int32, 0-based, counting every step, the
+    gradient-free ones included); ``stacked_params=True`` hands step ``t`` the slice
+    ``params[t]`` of parameters stacked on a leading axis (unshared loop bodies). The
+    step axis must be at least ``num_steps`` long (static), or exactly ``max_steps``
+    (traced ``num_steps``).
 
     Args:
       step: pure ``step(params, carry, inputs) -> carry``; every differentiable
@@ -239,13 +326,16 @@ def unroll(
       num_steps: Python int, or a traced int32 scalar (one compile for every value;
         negative values count as 0 and, with ``max_steps``, values are clipped to
         ``max_steps``). A traced count needs a static ``grad_steps``.
-      grad_steps: number of differentiated (final) steps, or None for all.
+      grad_steps: number of differentiated (final) steps, None for all, 0 for none.
       remat_policy: None, a name in ``REMAT_POLICIES`` or a
         ``jax.checkpoint_policies`` callable; wraps the differentiated step in
         ``jax.checkpoint``.
       record_fn: optional ``record_fn(carry) -> pytree`` recorded after each step.
-      max_steps: static trajectory length; required with ``record_fn`` and a
-        traced ``num_steps``.
+      max_steps: static trajectory length; required with ``record_fn``, ``xs`` or
+        ``stacked_params`` and a traced ``num_steps``.
+      xs: per-step inputs (leading step axis), passed as ``xs=``.
+      with_index: pass the step index as ``index=``.
+      stacked_params: slice ``params`` along its leading axis per step.
 
     Returns:
       ``(carry, trajectory)``. The trajectory stacks ``record_fn`` outputs on a
@@ -254,12 +344,13 @@ def unroll(
       record of the final carry (for ``num_steps = 0``: of the initial carry).
       ``None`` when ``record_fn`` is None.
     """
-    static = _validate(num_steps, grad_steps, max_steps, record_fn)
+    static = _validate(num_steps, grad_steps, max_steps, record_fn, params, xs, stacked_params)
     apply = _make_apply(step, remat_policy)
+    call = _Caller(step, xs, with_index, stacked_params)
     if static:
         return _unroll_static(
+            call,
             apply,
-            step,
             params,
             carry,
             inputs,
@@ -268,4 +359,4 @@ def unroll(
             record_fn,
             max_steps,
         )
-    return _unroll_traced(apply, step, params, carry, inputs, num_steps, grad_steps, record_fn, max_steps)
+    return _unroll_traced(call, apply, params, carry, inputs, num_steps, grad_steps, record_fn, max_steps)

@@ -1,20 +1,18 @@
 """The trainer: a jitted, sharded train step over pure parameter pytrees, a data pipeline
 with resumable state, periodic evaluation, metrics and orbax checkpoints.
 
-Every family goes through this code: a model only has to provide ``loss(batch, rng, train)``
-and ``__call__(inputs, positions_BT, segment_ids_BT, num_loops)`` (see ``looped_jax.models``).
+Every family goes through this code, and the trainer calls only the model interface of
+``looped_jax.models.protocol``: ``initial_carry(batch_size)``, ``loss(batch, *, rng, train,
+carry) -> LossOutput`` and ``evaluate(batch, *, num_loops, rng) -> sums``.
 
-Stateful training (HRM/TRM deep supervision, FAM state passing): a model that defines
-``initial_carry(batch_size) -> pytree`` (arrays with a leading batch axis, static shapes) gets a
-persistent carry kept in ``TrainState.carry`` (sharded over the batch like the data, checkpointed
-with the state); its loss is then called as ``loss(batch, rng=, train=True, carry=carry)`` and must
-return ``(loss, (metrics, new_carry))``. With ``optim.ema_decay > 0`` the state also holds an EMA
-of the parameters, which evaluation uses.
+Stateful training (HRM/TRM deep supervision, FAM state passing): a family whose
+``initial_carry`` is not None gets a persistent carry kept in ``TrainState.carry`` (sharded over
+the batch like the data, checkpointed with the state) and handed to the next step's ``loss``.
+With ``optim.ema_decay > 0`` the state also holds an EMA of the parameters, which evaluation uses.
 """
 
 from __future__ import annotations
 
-import inspect
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,7 +28,7 @@ from looped_jax import sharding as shd
 from looped_jax.checkpoint import Checkpointer
 from looped_jax.config import ExperimentConfig, to_dict
 from looped_jax.models import build_model
-from looped_jax.train.losses import cross_entropy
+from looped_jax.models.protocol import EVAL_SUM_KEYS, check_model
 from looped_jax.train.metrics import MetricsLogger
 from looped_jax.train.optimizer import make_optimizer
 
@@ -55,6 +53,18 @@ def optimizer_state_specs(abstract_opt, abstract_params, param_specs):
         return PartitionSpec()
 
     return jax.tree_util.tree_map_with_path(spec_of, abstract_opt)
+
+
+def summarize_eval(totals: dict[str, float]) -> dict[str, float]:
+    """Loss and accuracy per token from the summed ``evaluate`` outputs; extra sums are kept, and
+    ``exact_sum`` / ``num_rows`` (whole-answer accuracy, reasoners) become ``exact_accuracy``."""
+    n = max(totals.get("num_tokens", 0.0), 1.0)
+    out = {k: v for k, v in totals.items() if k not in ("loss_sum", "correct")}
+    out.update(loss=totals.get("loss_sum", 0.0) / n, accuracy=totals.get("correct", 0.0) / n)
+    out["num_tokens"] = totals.get("num_tokens", 0.0)
+    if "exact_sum" in totals and "num_rows" in totals:
+        out["exact_accuracy"] = totals["exact_sum"] / max(totals["num_rows"], 1.0)
+    return out
 
 
 class TrainState(NamedTuple):
@@ -82,13 +92,14 @@ class Trainer:
         self.graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
         if jax.tree.leaves(abstract_rest):
             raise ValueError("models must keep all their state in nnx.Param variables")
+        check_model(abstract_model)
         param_specs = shd.pure_param_specs(abstract_params, self.mesh)
         abstract_opt = jax.eval_shape(self.tx.init, nnx.to_pure_dict(abstract_params))
         opt_specs = optimizer_state_specs(abstract_opt, nnx.to_pure_dict(abstract_params), param_specs)
-        self.stateful = callable(getattr(abstract_model, "initial_carry", None))
+        abstract_carry = jax.eval_shape(lambda: abstract_model.initial_carry(cfg.train.global_batch_size))
+        self.stateful = abstract_carry is not None
         carry_specs = None
         if self.stateful:
-            abstract_carry = jax.eval_shape(lambda: abstract_model.initial_carry(cfg.train.global_batch_size))
             carry_specs = jax.tree.map(
                 lambda x: shd.batch_spec(self.mesh, x.ndim) if x.ndim else PartitionSpec(), abstract_carry
             )
@@ -128,7 +139,7 @@ class Trainer:
     def _init(self) -> TrainState:
         model = build_model(self.cfg.model, rngs=nnx.Rngs(self.cfg.train.seed))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        carry = model.initial_carry(self.cfg.train.global_batch_size) if self.stateful else None
+        carry = model.initial_carry(self.cfg.train.global_batch_size)
         ema = jax.tree.map(jnp.copy, params) if self.cfg.optim.ema_decay > 0 else None
         return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), carry, ema)
 
@@ -136,11 +147,8 @@ class Trainer:
         rng = jax.random.fold_in(self.base_key, state.step)
 
         def loss_fn(params):
-            model = self.model(params)
-            if self.stateful:
-                return model.loss(batch, rng=rng, train=True, carry=state.carry)
-            loss, metrics = model.loss(batch, rng=rng, train=True)
-            return loss, (metrics, None)
+            out = self.model(params).loss(batch, rng=rng, train=True, carry=state.carry)
+            return out.loss, (out.metrics, out.carry)
 
         (_, (metrics, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -153,25 +161,11 @@ class Trainer:
         return TrainState(state.step + 1, params, opt_state, carry, ema), metrics
 
     def _eval_step(self, params, batch: dict, num_loops) -> dict:
-        model = self.model(params)
-        if callable(getattr(model, "elbo", None)):
-            # Latent-variable models are scored by their ELBO (NLL + KL, a bound), with the
-            # inner inference loop run on the evaluated text at the configured step count.
-            o = model.elbo(batch, model.cfg.inner_steps, jax.random.key(0))
-            return {"loss_sum": o["nll_sum"] + o["kl_sum"], "correct": o["correct"], "num_tokens": o["num_tokens"]}
-        kwargs = {} if num_loops is None else {"num_loops": num_loops}
-        if "puzzle_ids" in batch and "puzzle_ids_B" in inspect.signature(model.__call__).parameters:
-            kwargs["puzzle_ids_B"] = batch["puzzle_ids"]
-        logits = model(
-            batch["inputs"],
-            positions_BT=batch["positions"],
-            segment_ids_BT=batch["segment_ids"],
-            rng=jax.random.key(0),
-            **kwargs,
-        )
-        _, m = cross_entropy(logits, batch["targets"], batch["weights"])
-        n = m["num_tokens"]
-        return {"loss_sum": m["loss"] * n, "correct": m["accuracy"] * n, "num_tokens": n}
+        sums = self.model(params).evaluate(batch, num_loops=num_loops, rng=jax.random.key(0))
+        missing = [k for k in EVAL_SUM_KEYS if k not in sums]
+        if missing:
+            raise ValueError(f"{type(self.model(params)).__name__}.evaluate must return the sums {list(EVAL_SUM_KEYS)}")
+        return sums
 
     # -- host-side loop -----------------------------------------------------------------------
 
@@ -219,22 +213,25 @@ class Trainer:
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
         )
-        totals = {"loss_sum": 0.0, "correct": 0.0, "num_tokens": 0.0}
+        totals: dict[str, float] = {}
         loops = None if num_loops is None else jnp.int32(num_loops)
         with jax.set_mesh(self.mesh):
             for i, batch in enumerate(it):
                 if num_batches is not None and i >= num_batches:
                     break
-                out = self.eval_step(params, self.global_batch(batch), loops)
-                for k in totals:
-                    totals[k] += float(out[k])
-        n = max(totals["num_tokens"], 1.0)
-        return {"loss": totals["loss_sum"] / n, "accuracy": totals["correct"] / n, "num_tokens": totals["num_tokens"]}
+                out = jax.device_get(self.eval_step(params, self.global_batch(batch), loops))
+                for k, v in out.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+        return summarize_eval(totals)
 
     def fit(self, *, eval_splits: tuple[str, ...] = (), stop_at: int | None = None) -> tuple[TrainState, dict]:
         """Trains to ``train.num_steps``, resuming from the latest checkpoint if there is one.
 
         ``stop_at`` ends the run early (after a checkpoint) as if it had been interrupted there.
+        ``train.max_minutes > 0`` is a wall-clock budget for this call (compilation included): the
+        first step to end past it is the last, and is logged and checkpointed like a final step.
+        The history holds ``steps`` (the step reached), ``stopped_by`` (None, "stop_at" or
+        "max_minutes"), ``train_seconds``, the last logged ``train`` metrics and the ``eval`` results.
         """
         cfg = self.cfg
         out_dir = Path(cfg.train.output_dir).expanduser()
@@ -247,6 +244,8 @@ class Trainer:
                 async_save=cfg.checkpoint.async_save,
             )
         config_dict = to_dict(cfg)
+        t_start = time.perf_counter()
+        budget_s = 60.0 * cfg.train.max_minutes
         it = self.make_train_iterator()
         if ckpt is not None and cfg.checkpoint.resume and ckpt.latest_step() is not None:
             state, data_state, step = ckpt.restore(self.abstract_state(), config=config_dict)
@@ -258,14 +257,17 @@ class Trainer:
         start = int(state.step)
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         last_time, last_step = time.perf_counter(), start
-        history: dict = {}
+        history: dict = {"stopped_by": None}
         metrics = None
         with jax.set_mesh(self.mesh):
             end = cfg.train.num_steps if stop_at is None else min(stop_at, cfg.train.num_steps)
             for step in range(start, end):
                 state, metrics = self.train_step(state, self.global_batch(next(it)))
                 done = step + 1
-                if done % cfg.train.log_every == 0 or done == cfg.train.num_steps:
+                # The budget is checked on finished steps (not just dispatched ones), so the step
+                # reached is the one whose result exists when time runs out.
+                out_of_time = budget_s > 0 and self._seconds_since(t_start, state.step) >= budget_s
+                if done % cfg.train.log_every == 0 or done == cfg.train.num_steps or out_of_time:
                     metrics = jax.device_get(metrics)
                     now = time.perf_counter()
                     rate = (done - last_step) / max(now - last_time, 1e-9)
@@ -273,15 +275,29 @@ class Trainer:
                     self._log(done, dict(metrics, steps_per_s=rate, tokens_per_s=rate * tokens_per_step))
                 if ckpt is not None and ckpt.should_save(done):
                     ckpt.save(done, state, config=config_dict, data_state=it.get_state())
+                if out_of_time:
+                    history["stopped_by"] = "max_minutes"
+                    self._print(f"train.max_minutes={cfg.train.max_minutes:g} reached: stopping at step {done}")
+                    break
                 if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.num_steps:
                     self._run_evals(state, done, eval_splits)
+            if history["stopped_by"] is None and int(state.step) < cfg.train.num_steps:
+                history["stopped_by"] = "stop_at"
             if ckpt is not None and int(state.step) > start and ckpt.latest_step() != int(state.step):
                 ckpt.save(int(state.step), state, config=config_dict, data_state=it.get_state())
+            history["steps"] = int(state.step)
+            history["train_seconds"] = time.perf_counter() - t_start
             history["eval"] = self._run_evals(state, int(state.step), eval_splits)
         if ckpt is not None:
             ckpt.close()
         history["train"] = None if metrics is None else {k: float(v) for k, v in jax.device_get(metrics).items()}
         return state, history
+
+    @staticmethod
+    def _seconds_since(t_start: float, step: jax.Array) -> float:
+        """Wall-clock seconds since ``t_start`` once ``step`` (an output of the last train step) is computed."""
+        jax.block_until_ready(step)
+        return time.perf_counter() - t_start
 
     def _run_evals(self, state: TrainState, step: int, splits: tuple[str, ...]) -> dict:
         results = {}

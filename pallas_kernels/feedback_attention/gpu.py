@@ -8,8 +8,8 @@ Tiles before the diagonal run unmasked; the diagonal tiles apply ``key_pos <= qu
 
 The backward pass runs dq, dk/dv and dFAM kernels built the same way (64 x 64 tiles). Supported: bfloat16 inputs,
 head dim K % 64 == 0, block_q % 64 == 0, block_k % 64 == 0, F % 64 == 0 (F = 0 allowed), and SMEM within the H100
-budget (K = 128, F = 64, 128-tiles fits; K = 128 with F = 128 does not). Other configurations run a pure-JAX path on
-CUDA (the reference, and its VJP, on the padded inputs) - see ``supported``.
+budget (K = 128, F = 64, 128-tiles fits; K = 128 with F = 128 does not); ``unsupported`` names what does not fit,
+and ops.py turns that into an error (``impl="pallas"``) or a logged XLA fallback (``impl="auto"``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-
-from pallas_kernels.feedback_attention.reference import feedback_attention_reference_with_lse
 
 F32 = jnp.float32
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -43,64 +41,70 @@ def _smem_bytes(cfg, K: int, F: int, itemsize: int) -> dict[str, int]:
     }
 
 
-def _shapes_ok(cfg, q_BHTK, famk_BGNFK) -> bool:
-    K, F = q_BHTK.shape[-1], famk_BGNFK.shape[3]
-    return (
-        q_BHTK.dtype == jnp.bfloat16
-        and K % WGMMA_TILE == 0
-        and cfg.block_q % WGMMA_TILE == 0
-        and cfg.block_k % WGMMA_TILE == 0
-        and F % WGMMA_TILE == 0
-    )
+def unsupported(cfg, K: int, F: int, dtype, *, backward: bool = False) -> list[str]:
+    """Why the Mosaic-GPU forward (or backward) kernel cannot run this configuration; empty when it can.
+
+    ``cfg`` carries the tiles the forward would use (the backward always uses BWD_TILE x BWD_TILE)."""
+    dtype = jnp.dtype(dtype)
+    why = []
+    if dtype != jnp.bfloat16:
+        why.append(f"dtype {dtype} (the GPU kernels are bfloat16-only)")
+    if K % WGMMA_TILE:
+        why.append(f"head dim K={K} (needs a multiple of {WGMMA_TILE})")
+    if F % WGMMA_TILE:
+        why.append(f"FAM length F={F} (needs 0 or a multiple of {WGMMA_TILE})")
+    if not backward:
+        for name, t in (("block_q", cfg.block_q), ("block_k", cfg.block_k)):
+            if t % WGMMA_TILE:
+                why.append(f"tile size {name}={t} (needs a multiple of {WGMMA_TILE})")
+    if why:
+        return why
+    smem = _smem_bytes(cfg, K, F, dtype.itemsize)
+    need = max(smem["dq"], smem["dkv"]) if backward else smem["fwd"]
+    if need > SMEM_BUDGET:
+        which = "backward (64-tiles)" if backward else f"forward (block_q={cfg.block_q}, block_k={cfg.block_k})"
+        why.append(f"shared-memory budget: the {which} needs {need} bytes > {SMEM_BUDGET} (K={K}, F={F})")
+    return why
 
 
 def supported(cfg, q_BHTK, famk_BGNFK, *, backward: bool = False) -> bool:
-    """Whether the Mosaic-GPU forward (or backward) kernel handles this configuration; else a pure-JAX path runs."""
-    if not _shapes_ok(cfg, q_BHTK, famk_BGNFK):
-        return False
-    smem = _smem_bytes(cfg, q_BHTK.shape[-1], famk_BGNFK.shape[3], q_BHTK.dtype.itemsize)
-    need = max(smem["dq"], smem["dkv"]) if backward else smem["fwd"]
-    return need <= SMEM_BUDGET
+    """Whether the Mosaic-GPU forward (or backward) kernel handles this configuration (see ``unsupported``)."""
+    return not unsupported(cfg, q_BHTK.shape[-1], famk_BGNFK.shape[3], q_BHTK.dtype, backward=backward)
 
 
 def _to_bthk(x_BHTK):
     return x_BHTK.transpose(0, 2, 1, 3)
 
 
-def _reference_lse(cfg, q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK):
-    """Pure-JAX (o, lse) on the padded kernel layout: padded keys sit after every real query, so they stay masked."""
-    o_BTHK, lse_BTH = feedback_attention_reference_with_lse(
-        _to_bthk(q_BHTK), _to_bthk(k_BGTK), _to_bthk(v_BGTK),
-        famk_BGNFK.transpose(0, 2, 3, 1, 4), famv_BGNFK.transpose(0, 2, 3, 1, 4),
-        block_size=cfg.block_size, memory_segments=cfg.memory_segments, sm_scale=cfg.scale,
-    )  # fmt: skip
-    return _to_bthk(o_BTHK), lse_BTH.transpose(0, 2, 1)[..., None]
+def _check(cfg, q_BHTK, famk_BGNFK, backward):
+    why = unsupported(cfg, q_BHTK.shape[-1], famk_BGNFK.shape[3], q_BHTK.dtype, backward=backward)
+    if why:
+        raise ValueError(
+            f"the Mosaic-GPU feedback-attention {'backward' if backward else 'forward'} kernel does "
+            f"not support: {'; '.join(why)}"
+        )
 
 
 def forward(cfg, q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK):
-    """Returns (o [B,H,Tp,K] in q's dtype, lse [B,H,Tp,1] f32)."""
-    if not supported(cfg, q_BHTK, famk_BGNFK):
-        return _reference_lse(cfg, q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK)
+    """Returns (o [B,H,Tp,K] in q's dtype, lse [B,H,Tp,1] f32). Unsupported configurations raise (ops.py decides)."""
+    _check(cfg, q_BHTK, famk_BGNFK, False)
     return _forward_kernel(cfg, q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK)
 
 
 def backward(cfg, q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK, do_BHTK, lse_BHT1, delta_BHT1):
-    """Mosaic-GPU dq / dk,dv / dFAM kernels; unsupported configurations recompute with the reference's VJP."""
-    if supported(cfg, q_BHTK, famk_BGNFK, backward=True):
-        return _backward_kernels(
-            cfg.replace(block_q=BWD_TILE, block_k=BWD_TILE),
-            q_BHTK,
-            k_BGTK,
-            v_BGTK,
-            famk_BGNFK,
-            famv_BGNFK,
-            do_BHTK,
-            lse_BHT1[..., 0],
-            delta_BHT1[..., 0],
-        )
-    fn = lambda *a: _reference_lse(cfg, *a)[0]
-    _, vjp = jax.vjp(fn, q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK)
-    return vjp(do_BHTK)
+    """Mosaic-GPU dq / dk,dv / dFAM kernels (64 x 64 tiles). Unsupported configurations raise (ops.py decides)."""
+    _check(cfg, q_BHTK, famk_BGNFK, True)
+    return _backward_kernels(
+        cfg.replace(block_q=BWD_TILE, block_k=BWD_TILE),
+        q_BHTK,
+        k_BGTK,
+        v_BGTK,
+        famk_BGNFK,
+        famv_BGNFK,
+        do_BHTK,
+        lse_BHT1[..., 0],
+        delta_BHT1[..., 0],
+    )
 
 
 def interpret_params():

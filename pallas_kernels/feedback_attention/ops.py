@@ -1,20 +1,31 @@
 """Public entry for TransformerFAM feedback attention (Hwang et al. 2024, arXiv 2404.09173, Sec. 3.2).
 
-``feedback_attention`` validates shapes, dtypes and tile sizes, then dispatches: ``impl="xla"`` runs the pure-JAX
-reference (``reference.py``); ``impl="pallas"`` runs the flash-style kernels (``tpu.py`` on TPU and in CPU interpret
-mode, ``gpu.py`` on CUDA) under a ``jax.custom_vjp`` whose backward is the Pallas dq / dk,dv / dFAM kernels.
+``feedback_attention`` validates shapes, dtypes and tile sizes, then dispatches (``which_impl`` says how, without
+running anything): ``impl="xla"`` runs the pure-JAX reference (``reference.py``); ``impl="pallas"`` runs the
+flash-style kernels (``tpu.py`` on TPU and in CPU interpret mode, ``gpu.py`` on CUDA) under a ``jax.custom_vjp``
+whose backward is the Pallas dq / dk,dv / dFAM kernels, or raises naming what the kernel does not support;
+``impl="auto"`` falls back to the reference where no kernel fits and logs that once per reason.
+The kernel is chosen for ``platform`` (default ``jax.default_backend()``): export or AOT-compile for another
+platform from a CPU host by passing ``platform="tpu"`` / ``"cuda"``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from pallas_kernels.feedback_attention.reference import feedback_attention_reference, num_blocks
+from pallas_kernels.dispatch import ImplChoice, check_interpret, resolve_platform, warn_fallback_once
+from pallas_kernels.feedback_attention.reference import (
+    feedback_attention_reference,
+    feedback_attention_reference_with_lse,
+    num_blocks,
+)
 
 IMPLS = ("xla", "pallas", "auto")
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -25,9 +36,17 @@ GPU_TILE_CAP = 128  # default tiles: the Mosaic-GPU forward keeps q plus two k/v
 
 
 def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """A Python or numpy integer >= minimum (bools refused), returned as a Python int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return int(value)
+
+
+def _check_array(name: str, x, ndim: int, dims: str) -> None:
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise ValueError(f"{name} must be an array [{dims}] (jax.Array or numpy.ndarray), got {type(x).__name__}")
+    if len(x.shape) != ndim:
+        raise ValueError(f"{name} must have {ndim} dims [{dims}], got shape {tuple(x.shape)}")
 
 
 def default_tile(block_size: int, cap: int = 512) -> int:
@@ -40,17 +59,15 @@ def default_tile(block_size: int, cap: int = 512) -> int:
 
 def validate(q_BTHK, k_BTGK, v_BTGK, famk_BNFGK, famv_BNFGK, *, block_size: int, memory_segments: int, sm_scale):
     """Checks shapes/dtypes; returns (B, T, H, G, K, N, F, scale). Raises ValueError naming the bad argument."""
-    _check_int("block_size", block_size, 1)
+    block_size = _check_int("block_size", block_size, 1)
     _check_int("memory_segments", memory_segments, 0)
-    for name, x, nd in (("q_BTHK", q_BTHK, 4), ("k_BTGK", k_BTGK, 4), ("v_BTGK", v_BTGK, 4)):
-        if x.ndim != nd:
-            raise ValueError(f"{name} must have {nd} dims [B,T,H|G,K], got shape {x.shape}")
+    for name, x in (("q_BTHK", q_BTHK), ("k_BTGK", k_BTGK), ("v_BTGK", v_BTGK)):
+        _check_array(name, x, 4, "B,T,H|G,K")
     for name, x in (("famk_BNFGK", famk_BNFGK), ("famv_BNFGK", famv_BNFGK)):
-        if x.ndim != 5:
-            raise ValueError(f"{name} must have 5 dims [B,N,F,G,K], got shape {x.shape}")
+        _check_array(name, x, 5, "B,N,F,G,K")
     B, T, H, K = q_BTHK.shape
-    if T < 1:
-        raise ValueError(f"q_BTHK must have T >= 1, got shape {q_BTHK.shape}")
+    if B < 1 or T < 1 or H < 1 or K < 1:
+        raise ValueError(f"q_BTHK must have B, T, H, K >= 1, got shape {tuple(q_BTHK.shape)}")
     G = k_BTGK.shape[2]
     if k_BTGK.shape != (B, T, G, K):
         raise ValueError(f"k_BTGK must have shape [B={B}, T={T}, G, K={K}], got {k_BTGK.shape}")
@@ -75,38 +92,106 @@ def validate(q_BTHK, k_BTGK, v_BTGK, famk_BNFGK, famv_BNFGK, *, block_size: int,
     if sm_scale is None:
         scale = 1.0 / math.sqrt(K)
     else:
-        if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)) or not sm_scale > 0:
-            raise ValueError(f"sm_scale must be a positive float or None, got {sm_scale!r}")
+        ok = isinstance(sm_scale, numbers.Real) and not isinstance(sm_scale, (bool, np.bool_))
+        if not ok or not math.isfinite(float(sm_scale)) or not float(sm_scale) > 0:
+            raise ValueError(f"sm_scale must be a finite float > 0 or None, got {sm_scale!r}")
         scale = float(sm_scale)
     return B, T, H, G, K, N, F, scale
 
 
 def resolve_tiles(block_size: int, block_q: int | None, block_k: int | None) -> tuple[int | None, int | None]:
     """Validates the Pallas tile sizes (multiples of 8 dividing block_size); None stays None and is resolved per
-    platform at dispatch (TPU / interpret: up to 512; GPU: up to 128, see ``_platform_tiles``)."""
-    if block_size % MIN_TILE:
-        raise ValueError(
-            f"block_size must be a multiple of {MIN_TILE} for impl='pallas' (tiles are multiples of {MIN_TILE}), "
-            f"got {block_size}; use impl='xla' for other block sizes"
-        )
+    platform at dispatch (TPU / interpret: up to 512; GPU: up to 128, see ``_platform_tiles``). Checked for every
+    ``impl`` (a tile given with ``impl="xla"`` is an error, not ignored); block_size % 8 is checked by the dispatch."""
     tiles = []
     for name, t in (("block_q", block_q), ("block_k", block_k)):
         if t is None:
             tiles.append(None)
             continue
-        _check_int(name, t, MIN_TILE)
+        t = _check_int(name, t, MIN_TILE)
         if t % MIN_TILE or block_size % t:
             raise ValueError(f"{name} must be a multiple of {MIN_TILE} dividing block_size={block_size}, got {t}")
         tiles.append(t)
     return tiles[0], tiles[1]
 
 
-def _resolve_impl(impl: str) -> str:
+def _choose(impl, platform, interpret, *, block_size, block_q, block_k, K, F, dtype):
+    """(ImplChoice, fallback reason or None). Raises for ``impl="pallas"`` when no kernel can run the call."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
-    return impl
+    check_interpret(interpret)
+    p = resolve_platform(platform)
+    if impl == "xla":
+        return ImplChoice("xla", "xla", p, "impl='xla' requested"), None
+    why = [] if block_size % MIN_TILE == 0 else [f"block_size={block_size} is not a multiple of {MIN_TILE}"]
+    if impl == "pallas" and interpret is None:
+        interpret = p == "cpu"  # no compiled kernel on a CPU: the interpreter (tests, debugging)
+    if interpret:
+        if why:
+            raise ValueError(
+                f"block_size must be a multiple of {MIN_TILE} for the Pallas kernels, got {block_size}; "
+                "use impl='xla' for other block sizes"
+            )
+        reason = "interpret=True: the TPU kernel code in the Pallas interpreter"
+        return ImplChoice("pallas_interpret", "pallas_interpret", p, reason), None
+    if p == "tpu":
+        if not why:
+            return ImplChoice("pallas_tpu", "pallas_tpu", p, "Mosaic TPU kernels"), None
+    elif p == "cuda":
+        if not why:
+            cfg = _TileView(block_size, block_q or default_tile(block_size, GPU_TILE_CAP),
+                            block_k or default_tile(block_size, GPU_TILE_CAP))  # fmt: skip
+            why = [f"the Mosaic-GPU forward kernel does not support {w}" for w in _gpu_unsupported(cfg, K, F, dtype)]
+            if not why:
+                bwd_why = _gpu_unsupported(cfg, K, F, dtype, backward=True)
+                if not bwd_why:
+                    return ImplChoice("pallas_gpu", "pallas_gpu", p, "Mosaic GPU forward and backward kernels"), None
+                bwd = "; ".join(f"the Mosaic-GPU backward kernels do not support {w}" for w in bwd_why)
+                if impl == "pallas":  # inference may still use the kernel: the error comes when a gradient is taken
+                    return ImplChoice("pallas_gpu", "unsupported", p, bwd), None
+                # logged when a gradient is taken (_dispatch), not on inference-only calls
+                return ImplChoice("pallas_gpu", "xla", p, f"gradient by the reference VJP: {bwd}"), None
+    else:
+        why.append(f"no compiled feedback-attention kernel for platform {p!r} (kernels: tpu, cuda)")
+    reason = "; ".join(why)
+    if impl == "pallas":
+        hint = " (pass platform='tpu' or 'cuda' to lower for another platform)" if p == "cpu" else ""
+        raise ValueError(f"impl='pallas' on platform {p!r}: {reason}{hint}; use impl='xla', or impl='auto' to fall "
+                         "back with a warning, or interpret=True")  # fmt: skip
+    return ImplChoice("xla", "xla", p, reason), (reason if p != "cpu" else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TileView:
+    """The tiles the GPU forward would use, for gpu.unsupported before a _KernelConfig exists."""
+
+    block_size: int
+    block_q: int
+    block_k: int
+
+
+def _gpu_unsupported(cfg, K, F, dtype, backward=False) -> list[str]:
+    from pallas_kernels.feedback_attention import gpu
+
+    return gpu.unsupported(cfg, K, F, dtype, backward=backward)
+
+
+def which_impl(
+    q_BTHK, k_BTGK, v_BTGK, famk_BNFGK, famv_BNFGK, *, block_size: int, memory_segments: int,
+    sm_scale: float | None = None, impl: str = "auto", block_q: int | None = None, block_k: int | None = None,
+    interpret: bool | None = None, platform: str | None = None,
+) -> ImplChoice:  # fmt: skip
+    """Which implementation ``feedback_attention`` with these arguments (arrays or ``jax.ShapeDtypeStruct``) uses
+    for its forward and its gradient on ``platform`` (default ``jax.default_backend()``), and why. Raises as the call
+    would (bad arguments, or ``impl="pallas"`` without a kernel for them)."""
+    B, T, H, G, K, N, F, scale = validate(
+        q_BTHK, k_BTGK, v_BTGK, famk_BNFGK, famv_BNFGK,
+        block_size=block_size, memory_segments=memory_segments, sm_scale=sm_scale,
+    )  # fmt: skip
+    bq, bk = resolve_tiles(block_size, block_q, block_k)
+    choice, _ = _choose(impl, platform, interpret, block_size=int(block_size), block_q=bq, block_k=bk, K=K, F=F,
+                        dtype=q_BTHK.dtype)  # fmt: skip
+    return choice
 
 
 def feedback_attention(
@@ -123,6 +208,7 @@ def feedback_attention(
     block_q: int | None = None,
     block_k: int | None = None,
     interpret: bool | None = None,
+    platform: str | None = None,
 ) -> jax.Array:
     """TransformerFAM block sliding window attention with feedback memory (arXiv 2404.09173, Sec. 3.2, Fig. 2).
 
@@ -130,27 +216,32 @@ def feedback_attention(
     and fully to famk/famv[:, n] (F keys; F may be 0). Shapes: q [B,T,H,K]; k, v [B,T,G,K] (GQA, H % G == 0);
     famk, famv [B,N,F,G,K] with N = ceil(T / block_size). Softmax in f32; returns [B,T,H,K] in q's dtype.
 
-    impl: "xla" (reference), "pallas" (kernels; TPU, CUDA, or CPU with interpret), "auto" (pallas on TPU/GPU,
-    xla on CPU). block_q / block_k: Pallas tile sizes (multiples of 8 dividing block_size; default the largest
-    of 512..8 that divides it on TPU, of 128..8 on GPU). interpret: run the TPU kernel code in interpret mode
-    (default: True on CPU). The GPU kernels need bfloat16, K, F, tiles all multiples of 64 and SMEM to spare
-    (``gpu.supported``); other configurations run the reference (and its VJP) on CUDA.
+    impl: "xla" (reference), "pallas" (the kernels for ``platform``, or a ValueError naming what they do not
+    support), "auto" (the kernels where they fit on TPU / CUDA, else the reference with a one-time log line; the
+    reference on CPU). ``which_impl`` tells which without running. block_q / block_k: Pallas tile sizes (multiples
+    of 8 dividing block_size; default the largest of 512..8 that divides it on TPU, of 128..8 on GPU).
+    interpret: run the TPU kernel code in interpret mode (``impl="pallas"`` defaults to it on CPU). The GPU kernels
+    need bfloat16, K, F, tiles all multiples of 64 and SMEM to spare (``gpu.unsupported``). platform: the lowering
+    target (default ``jax.default_backend()``), e.g. "tpu" or "cuda" to export / AOT-compile from a CPU host.
     """
-    validate(
+    B, T, H, G, K, N, F, scale = validate(
         q_BTHK, k_BTGK, v_BTGK, famk_BNFGK, famv_BNFGK,
         block_size=block_size, memory_segments=memory_segments, sm_scale=sm_scale,
     )  # fmt: skip
-    impl = _resolve_impl(impl)
-    if impl == "xla":
+    block_size, memory_segments = int(block_size), int(memory_segments)
+    bq, bk = resolve_tiles(block_size, block_q, block_k)
+    choice, fallback = _choose(impl, platform, interpret, block_size=block_size, block_q=bq, block_k=bk, K=K, F=F,
+                               dtype=q_BTHK.dtype)  # fmt: skip
+    if fallback is not None:
+        warn_fallback_once("feedback_attention", fallback)
+    if choice.impl == "xla":
         return feedback_attention_reference(
             q_BTHK, k_BTGK, v_BTGK, famk_BNFGK, famv_BNFGK,
-            block_size=block_size, memory_segments=memory_segments, sm_scale=sm_scale,
+            block_size=block_size, memory_segments=memory_segments, sm_scale=scale,
         )  # fmt: skip
-    bq, bk = resolve_tiles(block_size, block_q, block_k)
     return _pallas_forward(
-        q_BTHK, k_BTGK, v_BTGK, famk_BNFGK, famv_BNFGK,
-        block_size=block_size, memory_segments=memory_segments, sm_scale=sm_scale,
-        block_q=bq, block_k=bk, interpret=interpret,
+        q_BTHK, k_BTGK, v_BTGK, famk_BNFGK, famv_BNFGK, choice,
+        block_size=block_size, memory_segments=memory_segments, scale=scale, block_q=bq, block_k=bk,
     )  # fmt: skip
 
 
@@ -185,14 +276,11 @@ def feedback_attention_sharded(
     )
 
 
-def _pallas_forward(q_BTHK, k_BTGK, v_BTGK, famk_BNFGK, famv_BNFGK, *, block_size, memory_segments, sm_scale,
-                    block_q, block_k, interpret):  # fmt: skip
+def _pallas_forward(q_BTHK, k_BTGK, v_BTGK, famk_BNFGK, famv_BNFGK, choice, *, block_size, memory_segments, scale,
+                    block_q, block_k):  # fmt: skip
     """Pads T to N*block_size, moves heads before time ([B,H,T,K]) and calls the custom-vjp kernel."""
-    B, T, H, G, K, N, F, scale = validate(
-        q_BTHK, k_BTGK, v_BTGK, famk_BNFGK, famv_BNFGK,
-        block_size=block_size, memory_segments=memory_segments, sm_scale=sm_scale,
-    )  # fmt: skip
-    platform = _kernel_platform(interpret)
+    B, T, H, K = q_BTHK.shape
+    N = num_blocks(T, block_size)
     pad = N * block_size - T
     to_bhtk = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     q_BHTK, k_BGTK, v_BGTK = to_bhtk(q_BTHK), to_bhtk(k_BTGK), to_bhtk(v_BTGK)
@@ -204,62 +292,67 @@ def _pallas_forward(q_BTHK, k_BTGK, v_BTGK, famk_BNFGK, famv_BNFGK, *, block_siz
         scale=scale,
         block_q=block_q,
         block_k=block_k,
-        platform=platform,
-        interpret=platform == "interpret",
+        kernel=choice.impl,
+        backward=choice.backward,
+        backward_reason=choice.reason if choice.backward in ("xla", "unsupported") else "",
+        interpret=choice.impl == "pallas_interpret",
     )
     o_BHTK = _flash(cfg, q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK)
     return o_BHTK.transpose(0, 2, 1, 3)[:, :T]
 
 
-def _kernel_platform(interpret: bool | None) -> str:
-    """'interpret' (the TPU kernel code in Pallas interpret mode) or 'compiled' (per-platform kernels)."""
-    if interpret is None:
-        interpret = jax.default_backend() not in ("tpu", "gpu")
-    return "interpret" if interpret else "compiled"
-
-
 @dataclasses.dataclass(frozen=True)
 class _KernelConfig:
     """Static kernel configuration (hashable: a nondiff argument of the custom_vjp). memory_segments is clamped to
-    N - 1; platform is "interpret" (TPU kernel code in interpret mode) or "compiled" (chosen at lowering)."""
+    N - 1; kernel / backward are ImplChoice names ("pallas_interpret", "pallas_tpu", "pallas_gpu"; the backward
+    also "xla" = the reference VJP, or "unsupported" = raise ``backward_reason`` when a gradient is taken)."""
 
     block_size: int
     memory_segments: int
     scale: float
     block_q: int | None
     block_k: int | None
-    platform: str
+    kernel: str
+    backward: str
+    backward_reason: str
     interpret: bool
 
     def replace(self, **kw) -> _KernelConfig:
         return dataclasses.replace(self, **kw)
 
 
-def _dispatch(cfg: _KernelConfig, fn_name: str, *args):
-    """Runs ``tpu.<fn_name>`` in interpret mode, or picks the TPU / CUDA kernel when lowering for that platform.
+def _reference_lse(cfg, q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK):
+    """Pure-JAX (o, lse) on the padded kernel layout: padded keys sit after every real query, so they stay masked."""
+    to_bthk = lambda x: x.transpose(0, 2, 1, 3)
+    o_BTHK, lse_BTH = feedback_attention_reference_with_lse(
+        to_bthk(q_BHTK), to_bthk(k_BGTK), to_bthk(v_BGTK),
+        famk_BGNFK.transpose(0, 2, 3, 1, 4), famv_BGNFK.transpose(0, 2, 3, 1, 4),
+        block_size=cfg.block_size, memory_segments=cfg.memory_segments, sm_scale=cfg.scale,
+    )  # fmt: skip
+    return to_bthk(o_BTHK), lse_BTH.transpose(0, 2, 1)[..., None]
 
-    ``lax.platform_dependent`` resolves the branch at lowering time, so ``jax.export(..., platforms=["cuda"])`` on a
-    CPU host lowers the Mosaic-GPU kernel and ``platforms=["tpu"]`` the Mosaic-TPU kernel; other platforms (CPU)
-    fall back to the interpret-mode TPU kernel.
-    """
+
+def _dispatch(cfg: _KernelConfig, fn_name: str, *args):
+    """Runs ``<kernel module>.<fn_name>`` for the implementation chosen at trace time (``_choose``): the TPU kernel
+    code (compiled for TPU or interpreted), the Mosaic-GPU kernels, or (backward only) the reference VJP."""
     from pallas_kernels.feedback_attention import tpu
 
-    tpu_cfg = _platform_tiles(cfg, TPU_TILE_CAP)
-    interp = tpu_cfg.replace(platform="interpret", interpret=True)
-    if cfg.platform == "interpret":
-        return getattr(tpu, fn_name)(interp, *args)
-
-    def on_gpu(*a):
+    which = cfg.kernel if fn_name == "forward" else cfg.backward
+    if which == "unsupported":
+        raise ValueError(f"impl='pallas': cannot take the gradient of feedback_attention here: {cfg.backward_reason}; "
+                         "use impl='auto' (reference VJP for the gradient) or impl='xla'")  # fmt: skip
+    if which == "xla":  # auto on CUDA when only the forward kernel fits
+        warn_fallback_once("feedback_attention (gradient)", cfg.backward_reason)
+        *inputs, do_BHTK, _, _ = args
+        _, vjp = jax.vjp(lambda *a: _reference_lse(cfg, *a)[0], *inputs)
+        return vjp(do_BHTK)
+    if which == "pallas_gpu":
         from pallas_kernels.feedback_attention import gpu
 
-        return getattr(gpu, fn_name)(_platform_tiles(cfg, GPU_TILE_CAP), *a)
-
-    return jax.lax.platform_dependent(
-        *args,
-        tpu=lambda *a: getattr(tpu, fn_name)(tpu_cfg, *a),
-        cuda=on_gpu,
-        default=lambda *a: getattr(tpu, fn_name)(interp, *a),
-    )
+        return getattr(gpu, fn_name)(_platform_tiles(cfg, GPU_TILE_CAP), *args)
+    if which in ("pallas_tpu", "pallas_interpret"):
+        return getattr(tpu, fn_name)(_platform_tiles(cfg, TPU_TILE_CAP), *args)
+    raise AssertionError(f"unknown kernel {which!r}")
 
 
 def _platform_tiles(cfg: _KernelConfig, cap: int) -> _KernelConfig:

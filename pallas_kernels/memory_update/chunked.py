@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.memory_update.reference import MemoryState
+from pallas_kernels.memory_update.reference import MemoryState, clip_scale_from_sq
 
 NUM_VEC = 8  # columns of ChunkCoeffs.vec, see chunk_coefficients
 _HI = lax.Precision.HIGHEST
@@ -150,8 +150,7 @@ def chunk_math(
         for l in range(L):
             u = mm_tn(xs[l], th_C1 * dz[l])
             sq = sq + jnp.sum(jnp.sum(u * u, axis=1, keepdims=True), axis=0, keepdims=True)
-        norm = jnp.sqrt(sq)
-        scale = max_surprise_norm / jnp.maximum(norm, max_surprise_norm)
+        scale = clip_scale_from_sq(sq, max_surprise_norm)  # NaN-safe at sq == 0 (double where)
 
     # retrieval from the updated memory, layer by layer (dual form)
     xq = q

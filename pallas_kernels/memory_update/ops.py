@@ -4,7 +4,10 @@
 builds the per-chunk gate matrices (chunked.chunk_coefficients, plain XLA, differentiable) and runs the chunk
 recurrence either as XLA (``impl="xla"``, chunked.scan_chunks) or as a Pallas kernel (``impl="pallas"``: Mosaic TPU
 in tpu.py, the Pallas Triton backend on GPU in gpu.py), whose ``custom_vjp`` recomputes each chunk in XLA from the
-chunk-boundary states the kernel saved (a reverse ``lax.scan`` over chunks).
+chunk-boundary states the kernel saved (a reverse ``lax.scan`` over chunks). ``impl="pallas"`` is the kernel or a
+ValueError naming what it does not support; ``impl="auto"`` falls back to XLA there and logs it once per reason;
+``which_impl`` says which without running. The kernel is chosen for ``platform`` (default
+``jax.default_backend()``): pass ``platform="tpu"`` / ``"cuda"`` to export or AOT-compile from a CPU host.
 
 Sharding: like every Pallas kernel, the kernel path cannot be partitioned automatically by XLA; under a mesh with a
 sharded batch call it inside ``jax.shard_map`` (batch and heads are independent) or use ``impl="xla"``.
@@ -13,15 +16,20 @@ sharded batch call it inside ``jax.shard_map`` (batch and heads are independent)
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from pallas_kernels.dispatch import ImplChoice, check_interpret, resolve_platform, warn_fallback_once
 from pallas_kernels.memory_update import chunked
 from pallas_kernels.memory_update.reference import MEMORY_KINDS, MemoryState, memory_apply
 
 IMPLS = ("auto", "xla", "pallas")
+FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # float16: no Mosaic TPU kernels for it
 
 
 def init_memory_state(
@@ -75,7 +83,11 @@ def memory_retrieve(state: MemoryState, q_BHTK: jax.Array, *, memory: str = "lin
     """``M(q)`` with the state's weights, no update (e.g. Titans MAC reads ``M_{t-1}`` before the segment)."""
     if memory not in MEMORY_KINDS:
         raise ValueError(f"memory must be one of {MEMORY_KINDS}, got {memory!r}")
-    if q_BHTK.ndim != 4 or q_BHTK.shape[:2] != state.weights[0].shape[:2]:
+    if not isinstance(state, MemoryState):
+        raise ValueError(f"state must be a MemoryState, got {type(state).__name__}")
+    _check_layers(state.weights, memory, "state.weights")
+    _check_float_array("q_BHTK", q_BHTK, 4, "B, H, T, d_k")
+    if q_BHTK.shape[:2] != state.weights[0].shape[:2]:
         raise ValueError(
             f"q_BHTK must be [B, H, T, d_k] with [B, H] = {state.weights[0].shape[:2]}, got {q_BHTK.shape}"
         )
@@ -93,51 +105,160 @@ def _random_weights(key, shapes):
     return tuple(jax.random.normal(k, s, jnp.float32) / jnp.sqrt(s[-2]) for k, s in zip(keys, shapes, strict=True))
 
 
-def _validate(q, k, v, alpha, eta, theta, state0, chunk_size, memory, impl, max_surprise_norm):
+def _check_float_array(name: str, x, ndim: int, dims: str) -> None:
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise ValueError(f"{name} must be an array [{dims}] (jax.Array or numpy.ndarray), got {type(x).__name__}")
+    if len(x.shape) != ndim:
+        raise ValueError(f"{name} must be {ndim}-D [{dims}], got shape {tuple(x.shape)}")
+    if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
+        raise ValueError(f"{name} dtype must be float32 or bfloat16, got {jnp.dtype(x.dtype)}")
+
+
+def _check_layers(weights, memory: str, name: str) -> None:
+    n = len(weights)
+    if memory == "linear" and n != 1:
+        raise ValueError(f"memory='linear' needs 1 weight matrix in {name}, got {n}")
+    if memory == "mlp" and n < 2:
+        raise ValueError(f"memory='mlp' needs >= 2 weight matrices in {name}, got {n}")
+
+
+def _check_gate_ranges(alpha, eta, theta) -> None:
+    """alpha, eta in [0, 1], theta >= 0 (all finite): checked on concrete values (eager calls); under jit the gates
+    are tracers and reading them would need a device-to-host sync, so they pass unchecked there."""
+    for name, g, lo, hi in (
+        ("alpha_BHT", alpha, 0.0, 1.0),
+        ("eta_BHT", eta, 0.0, 1.0),
+        ("theta_BHT", theta, 0.0, None),
+    ):
+        if isinstance(g, jax.core.Tracer) or not isinstance(g, (jax.Array, np.ndarray)) or not g.size:
+            continue  # traced (jit) or abstract (ShapeDtypeStruct): values unknown here
+        x = np.asarray(jax.device_get(g), np.float32)
+        bad = int(np.sum(~np.isfinite(x)))
+        if bad or x.min() < lo or (hi is not None and x.max() > hi):
+            want = f"in [{lo:g}, {hi:g}]" if hi is not None else f">= {lo:g}"
+            got = f"{bad} non-finite values" if bad else f"values in [{x.min():g}, {x.max():g}]"
+            raise ValueError(f"{name} must be finite and {want}, got {got}")
+
+
+def _check_chunk_size(chunk_size) -> int:
+    if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def _check_max_norm(max_surprise_norm) -> float | None:
+    if max_surprise_norm is None:
+        return None
+    ok = isinstance(max_surprise_norm, numbers.Real) and not isinstance(max_surprise_norm, (bool, np.bool_))
+    if not ok or not math.isfinite(float(max_surprise_norm)) or not float(max_surprise_norm) > 0:
+        raise ValueError(f"max_surprise_norm must be a finite float > 0 or None, got {max_surprise_norm!r}")
+    return float(max_surprise_norm)
+
+
+def _validate(q, k, v, alpha, eta, theta, state0, chunk_size, memory, impl, max_surprise_norm, interpret):
+    """Raises ValueError naming the bad argument; returns ``(chunk_size, max_surprise_norm)`` as Python numbers."""
     if memory not in MEMORY_KINDS:
         raise ValueError(f"memory must be one of {MEMORY_KINDS}, got {memory!r}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if max_surprise_norm is not None and not max_surprise_norm > 0:
-        raise ValueError(f"max_surprise_norm must be > 0 or None, got {max_surprise_norm}")
-    if q.ndim != 4:
-        raise ValueError(f"q_BHTK must be 4-D [B, H, T, d_k], got shape {q.shape}")
+    check_interpret(interpret)
+    chunk_size = _check_chunk_size(chunk_size)
+    max_surprise_norm = _check_max_norm(max_surprise_norm)
+    _check_float_array("q_BHTK", q, 4, "B, H, T, d_k")
     B, H, T, K = q.shape
+    if B < 1 or H < 1 or K < 1:
+        raise ValueError(f"q_BHTK must have B, H, d_k >= 1, got shape {q.shape}")
     if T < 1:
         raise ValueError("sequence length T must be >= 1")
+    _check_float_array("k_BHTK", k, 4, "B, H, T, d_k")
     if k.shape != q.shape:
         raise ValueError(f"k_BHTK must have the shape of q {q.shape}, got {k.shape}")
-    if v.ndim != 4 or v.shape[:3] != (B, H, T):
-        raise ValueError(f"v_BHTV must be [B={B}, H={H}, T={T}, d_v], got {v.shape}")
+    _check_float_array("v_BHTV", v, 4, "B, H, T, d_v")
+    if v.shape[:3] != (B, H, T) or v.shape[3] < 1:
+        raise ValueError(f"v_BHTV must be [B={B}, H={H}, T={T}, d_v >= 1], got {v.shape}")
     V = v.shape[-1]
     for name, g in (("alpha_BHT", alpha), ("eta_BHT", eta), ("theta_BHT", theta)):
+        _check_float_array(name, g, 3, "B, H, T")
         if g.shape != (B, H, T):
             raise ValueError(f"{name} must be [B, H, T] = {(B, H, T)}, got {g.shape}")
     if not isinstance(state0, MemoryState):
         raise ValueError(f"state0 must be a MemoryState, got {type(state0).__name__}")
     ws, ss = state0.weights, state0.momentum
+    _check_layers(ws, memory, "state0.weights")
     n = len(ws)
-    if memory == "linear" and n != 1:
-        raise ValueError(f"memory='linear' needs 1 weight matrix in state0.weights, got {n}")
-    if memory == "mlp" and n < 2:
-        raise ValueError(f"memory='mlp' needs >= 2 weight matrices in state0.weights, got {n}")
     if len(ss) != n:
         raise ValueError(f"state0.momentum must have {n} arrays like state0.weights, got {len(ss)}")
     d_in = K
     for i, (w, s) in enumerate(zip(ws, ss, strict=True)):
-        if w.ndim != 4 or w.shape[:3] != (B, H, d_in):
-            raise ValueError(f"state0.weights[{i}] must be [B={B}, H={H}, {d_in}, d_out], got {w.shape}")
+        _check_float_array(f"state0.weights[{i}]", w, 4, "B, H, d_in, d_out")
+        _check_float_array(f"state0.momentum[{i}]", s, 4, "B, H, d_in, d_out")
+        if w.shape[:3] != (B, H, d_in) or w.shape[3] < 1:
+            raise ValueError(f"state0.weights[{i}] must be [B={B}, H={H}, {d_in}, d_out >= 1], got {w.shape}")
         if s.shape != w.shape:
             raise ValueError(f"state0.momentum[{i}] must have shape {w.shape}, got {s.shape}")
         d_in = w.shape[-1]
     if d_in != V:
         raise ValueError(f"the last memory layer must output d_v={V}, got {d_in}")
+    _check_gate_ranges(alpha, eta, theta)
+    return chunk_size, max_surprise_norm
 
 
-def _default_impl() -> str:
-    return "pallas" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "xla"
+def _choose(impl: str, platform: str | None, interpret: bool | None, chunk_size: int, layer_shapes) -> tuple:
+    """(ImplChoice, fallback reason or None). Raises for ``impl="pallas"`` when no kernel can run the call."""
+    p = resolve_platform(platform)
+    recompute = "the gradient re-runs each chunk in XLA from the kernel's saved chunk-start states"
+    if impl == "xla":
+        return ImplChoice("xla", "xla", p, "impl='xla' requested"), None
+    if impl == "pallas" and interpret is None:
+        interpret = p == "cpu"  # no compiled kernel on a CPU: the interpreter (tests, debugging)
+    if interpret:
+        return ImplChoice(
+            "pallas_interpret", "xla", p, f"interpret=True: TPU kernel code interpreted; {recompute}"
+        ), None
+    if p == "tpu":
+        return ImplChoice("pallas_tpu", "xla", p, f"Mosaic TPU kernel; {recompute}"), None
+    if p in ("cuda", "rocm"):
+        from pallas_kernels.memory_update import gpu
+
+        dims = tuple(d for shp in layer_shapes for d in shp)
+        if gpu.supports(chunk_size, dims):
+            return ImplChoice("pallas_gpu", "xla", p, f"Triton GPU kernel; {recompute}"), None
+        why = (
+            f"the Triton GPU kernel needs chunk_size and every memory dim to be powers of two >= 16, got "
+            f"chunk_size={chunk_size}, layer shapes={[tuple(s) for s in layer_shapes]}"
+        )
+    else:
+        why = f"no compiled memory-update kernel for platform {p!r} (kernels: tpu, cuda, rocm)"
+    if impl == "pallas":
+        hint = " (pass platform='tpu' or 'cuda' to lower for another platform)" if p == "cpu" else ""
+        raise ValueError(
+            f"impl='pallas' on platform {p!r}: {why}{hint}; use impl='xla', impl='auto' (falls back with a warning) "
+            "or interpret=True"
+        )
+    return ImplChoice("xla", "xla", p, why), (why if p != "cpu" else None)
+
+
+def which_impl(
+    q_BHTK: jax.Array,
+    k_BHTK: jax.Array,
+    v_BHTV: jax.Array,
+    alpha_BHT: jax.Array,
+    eta_BHT: jax.Array,
+    theta_BHT: jax.Array,
+    state0: MemoryState,
+    *,
+    chunk_size: int,
+    memory: str = "linear",
+    impl: str = "auto",
+    interpret: bool | None = None,
+    max_surprise_norm: float | None = None,
+    platform: str | None = None,
+) -> ImplChoice:
+    """Which implementation ``memory_update`` with these arguments (arrays or ``jax.ShapeDtypeStruct``) uses on
+    ``platform`` (default ``jax.default_backend()``), and why; raises as the call would."""
+    args = (q_BHTK, k_BHTK, v_BHTV, alpha_BHT, eta_BHT, theta_BHT, state0)
+    chunk_size, _ = _validate(*args, chunk_size, memory, impl, max_surprise_norm, interpret)
+    return _choose(impl, platform, interpret, chunk_size, [w.shape[2:] for w in state0.weights])[0]
 
 
 def memory_update(
@@ -154,21 +275,28 @@ def memory_update(
     impl: str = "auto",
     interpret: bool | None = None,
     max_surprise_norm: float | None = None,
+    platform: str | None = None,
 ) -> tuple[jax.Array, MemoryState]:
     """Titans neural memory over a sequence: returns ``(y_BHTV, final_state)``.
 
     ``y_t = M_t(q_t)`` is read from the memory AFTER the update with token t (eq. 15). Gates per token:
     ``alpha`` forgetting in [0, 1], ``eta`` momentum decay in [0, 1], ``theta`` learning rate >= 0 (eta = 0: gated
-    delta rule; alpha = eta = 0: TTT). Inside a chunk all gradients are taken at the chunk-start memory (eq. 16);
-    ``chunk_size=1`` is the exact per-token recurrence. ``y`` has q's dtype, the state is float32.
-    ``impl``: "xla" (chunked.py), "pallas" (kernel; ``interpret`` defaults to True off TPU/GPU; with
-    ``interpret=False`` the kernel is chosen by the lowering platform and a platform without one runs chunked.py),
-    "auto" (pallas on TPU/GPU, xla on CPU; on GPU xla when the sizes do not fit the kernel, see gpu.supports).
+    delta rule; alpha = eta = 0: TTT); their ranges are checked when they are concrete (not under jit). Inside a
+    chunk all gradients are taken at the chunk-start memory (eq. 16); ``chunk_size=1`` is the exact per-token
+    recurrence. q/k/v/gates float32 or bfloat16; ``y`` has q's dtype, the state is float32.
+    ``impl``: "xla" (chunked.py), "pallas" (the kernel for ``platform``, or a ValueError naming what it does not
+    support; ``interpret`` defaults to True on CPU), "auto" (the kernel on TPU/GPU where it fits, else XLA with a
+    one-time log line; XLA on CPU). ``which_impl`` tells which without running. ``platform``: the lowering target
+    (default ``jax.default_backend()``), e.g. "tpu" / "cuda" to export or AOT-compile from a CPU host.
     ``max_surprise_norm`` rescales each chunk's summed gradient contribution to at most that global norm.
     """
-    _validate(
-        q_BHTK, k_BHTK, v_BHTV, alpha_BHT, eta_BHT, theta_BHT, state0, chunk_size, memory, impl, max_surprise_norm
-    )
+    chunk_size, max_surprise_norm = _validate(
+        q_BHTK, k_BHTK, v_BHTV, alpha_BHT, eta_BHT, theta_BHT, state0, chunk_size, memory, impl, max_surprise_norm,
+        interpret,
+    )  # fmt: skip
+    choice, fallback = _choose(impl, platform, interpret, chunk_size, [w.shape[2:] for w in state0.weights])
+    if fallback is not None:
+        warn_fallback_once("memory_update", fallback)
     B, H, T, K = q_BHTK.shape
     V = v_BHTV.shape[-1]
     C = chunk_size
@@ -187,81 +315,46 @@ def memory_update(
     state0 = MemoryState(
         tuple(w.astype(jnp.float32) for w in state0.weights), tuple(s.astype(jnp.float32) for s in state0.momentum)
     )
-    impl_requested = impl
-    if impl == "auto":
-        impl = _default_impl()
-    if impl == "pallas":
-        if interpret is None:
-            interpret = _default_impl() == "xla"
-        if not interpret and jax.default_backend() in ("gpu", "cuda", "rocm"):
-            from pallas_kernels.memory_update import gpu
-
-            dims = tuple(d for w in state0.weights for d in w.shape[2:])
-            if not gpu.supports(C, dims):
-                if impl_requested == "pallas":
-                    raise ValueError(
-                        f"impl='pallas' on GPU needs chunk_size and memory dims that are powers of two >= 16, got "
-                        f"chunk_size={C}, layer shapes={[w.shape[2:] for w in state0.weights]}; use impl='xla'"
-                    )
-                impl = "xla"
-    if impl == "xla":
+    if choice.impl == "xla":
         y, final = chunked.scan_chunks(q, k, v, coeffs, state0, residual=residual, max_surprise_norm=max_surprise_norm)
     else:
         y, w, s = _pallas_memory(
-            q, k, v, coeffs.gt, coeffs.vec, state0.weights, state0.momentum, residual, max_surprise_norm, interpret
+            q, k, v, coeffs.gt, coeffs.vec, state0.weights, state0.momentum, residual, max_surprise_norm, choice.impl
         )
         final = MemoryState(w, s)
     y = y.reshape(B, H, N * C, V)[:, :, :T]
     return y.astype(q_BHTK.dtype), final
 
 
-def _run_kernel(q, k, v, gt, vec, weights, momentum, residual, max_norm, interpret, save_boundaries):
-    """Kernel by lowering platform: Mosaic TPU on "tpu", the GPU kernel on "cuda"/"rocm" (chunked XLA there when
-    the sizes do not fit it, see gpu.supports), chunked XLA elsewhere; ``interpret`` runs the TPU kernel body in the
-    Pallas interpreter on any backend. Returns ``(y, w_end, s_end, w_chunk_starts, s_chunk_starts)``."""
+def _run_kernel(q, k, v, gt, vec, weights, momentum, residual, max_norm, kernel, save_boundaries):
+    """The kernel chosen at trace time (``_choose``): the TPU kernel code compiled by Mosaic ("pallas_tpu") or run
+    in the Pallas interpreter ("pallas_interpret"), or the Triton GPU kernel ("pallas_gpu").
+    Returns ``(y, w_end, s_end, w_chunk_starts, s_chunk_starts)``."""
     from pallas_kernels.memory_update import gpu, tpu
 
-    weights, momentum = tuple(weights), tuple(momentum)
     kw = dict(residual=residual, max_surprise_norm=max_norm, save_boundaries=save_boundaries)
-    args = (q, k, v, gt, vec, weights, momentum)
-    if interpret:
-        return tpu.memory_update_tpu(*args, interpret=True, **kw)
-
-    def xla(*a):
-        out = chunked.scan_chunks(
-            *a[:3],
-            chunked.ChunkCoeffs(*a[3:5]),
-            MemoryState(*a[5:]),
-            residual=residual,
-            max_surprise_norm=max_norm,
-            return_boundaries=save_boundaries,
-        )
-        if not save_boundaries:
-            return out[0], out[1].weights, out[1].momentum, (), ()
-        return out[0], out[1].weights, out[1].momentum, out[2].weights, out[2].momentum
-
-    C = q.shape[3]
-    dims = tuple(d for w in weights for d in w.shape[2:])
-    gpu_fn = (lambda *a: gpu.memory_update_gpu(*a, **kw)) if gpu.supports(C, dims) else xla
-    return lax.platform_dependent(
-        *args, tpu=lambda *a: tpu.memory_update_tpu(*a, **kw), cuda=gpu_fn, rocm=gpu_fn, default=xla
-    )
+    args = (q, k, v, gt, vec, tuple(weights), tuple(momentum))
+    if kernel == "pallas_gpu":
+        return gpu.memory_update_gpu(*args, **kw)
+    if kernel in ("pallas_tpu", "pallas_interpret"):
+        return tpu.memory_update_tpu(*args, interpret=kernel == "pallas_interpret", **kw)
+    raise AssertionError(f"unknown kernel {kernel!r}")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _pallas_memory(q, k, v, gt, vec, weights, momentum, residual, max_norm, interpret):
-    y, w, s, _, _ = _run_kernel(q, k, v, gt, vec, weights, momentum, residual, max_norm, interpret, False)
+def _pallas_memory(q, k, v, gt, vec, weights, momentum, residual, max_norm, kernel):
+    y, w, s, _, _ = _run_kernel(q, k, v, gt, vec, weights, momentum, residual, max_norm, kernel, False)
     return y, w, s
 
 
-def _pallas_fwd(q, k, v, gt, vec, weights, momentum, residual, max_norm, interpret):
-    y, w, s, w_bounds, s_bounds = _run_kernel(q, k, v, gt, vec, weights, momentum, residual, max_norm, interpret, True)
+def _pallas_fwd(q, k, v, gt, vec, weights, momentum, residual, max_norm, kernel):
+    y, w, s, w_bounds, s_bounds = _run_kernel(q, k, v, gt, vec, weights, momentum, residual, max_norm, kernel, True)
     return (y, w, s), (q, k, v, gt, vec, w_bounds, s_bounds)
 
 
-def _pallas_bwd(residual, max_norm, interpret, res, cts):
+def _pallas_bwd(residual, max_norm, kernel, res, cts):
     """Reverse scan over chunks: re-run each chunk in XLA from its saved start state and pull the cotangents back."""
-    del interpret
+    del kernel
     q, k, v, gt, vec, w_bounds, s_bounds = res
     dy, dw, ds = cts
     to_n = lambda x: jnp.moveaxis(x, 2, 0)

@@ -58,13 +58,24 @@ def associative_loss(weights: tuple[jax.Array, ...], k_K: jax.Array, v_V: jax.Ar
     return jnp.sum(jnp.square(memory_apply(weights, k_K, memory) - v_V))
 
 
+def clip_scale_from_sq(sq: jax.Array, max_norm: float) -> jax.Array:
+    """``min(1, max_norm / sqrt(sq))`` with finite gradients everywhere, also at ``sq == 0``.
+
+    A zero surprise (theta = 0 on a whole chunk, a padded chunk, a memory decayed to zero) puts ``sqrt`` at 0, whose
+    derivative is infinite; ``0 * inf`` would turn every gradient NaN although the scale is a constant 1 there. The
+    double ``where`` keeps ``sqrt`` away from 0: the inactive branch sees ``sq = 1`` and its gradient is exactly 0.
+    """
+    active = sq > max_norm * max_norm
+    safe_sq = jnp.where(active, sq, 1.0)
+    return jnp.where(active, max_norm / jnp.sqrt(safe_sq), 1.0)
+
+
 def _clip_scale(grads_list, theta_b, max_norm):
     """Scale for theta so that ||sum_t theta_t g_t|| <= max_norm (global norm over layers)."""
     if max_norm is None:
         return jnp.ones((), jnp.float32)
     sq = sum(jnp.sum(jnp.square(jnp.einsum("b,b...->...", theta_b, g))) for g in grads_list)
-    norm = jnp.sqrt(sq)
-    return max_norm / jnp.maximum(norm, max_norm)
+    return clip_scale_from_sq(sq, max_norm)
 
 
 def _reference_one(q_TK, k_TK, v_TV, alpha_T, eta_T, theta_T, weights, momentum, chunk_size, memory, max_norm):

@@ -194,26 +194,55 @@ def test_random_state_passing_carry():
     carry = model.initial_carry(B)
     assert carry["fam_BLFD"].shape == (B, TINY.num_layers, TINY.fam_length, TINY.d_model)
     assert carry["valid_B"].shape == (B,)
-    assert make().initial_carry(B) == {}
+    assert make().initial_carry(B) is None
     x = tokens(B, T)
     batch = {"inputs": x, "targets": tokens(B, T, 1), "weights": jnp.ones((B, T)), "positions": jnp.arange(T)[None]}
     rng = jax.random.key(0)
     graphdef, state = nnx.split(model)
     loss_fn = jax.jit(lambda c, train: nnx.merge(graphdef, state).loss(batch, rng=rng, train=train, carry=c),
                       static_argnums=1)  # fmt: skip
-    loss0, (metrics0, carry1) = loss_fn(carry, True)
+    loss0, metrics0, carry1 = loss_fn(carry, True)
     _, finals = jit_forward(model, x)
     np.testing.assert_allclose(carry1["fam_BLFD"], finals, atol=1e-6)  # invalid carry -> started from the prompt
     np.testing.assert_array_equal(carry1["valid_B"], 1.0)
     assert float(metrics0["state_passed"]) == 0.0
-    loss1, (metrics1, carry2) = loss_fn(carry1, True)
+    loss1, metrics1, carry2 = loss_fn(carry1, True)
     assert float(metrics1["state_passed"]) == 1.0 and not np.isclose(loss0, loss1)
     prev = [carry1["fam_BLFD"][:, i] for i in range(TINY.num_layers)]
     _, expect = jit_forward(model, x, init_fams=prev, init_resids=prev)
     np.testing.assert_allclose(carry2["fam_BLFD"], expect, atol=1e-6)
     # Evaluation never uses the carry.
-    loss_eval, (_, _) = loss_fn(carry1, False)
+    loss_eval, _, _ = loss_fn(carry1, False)
     np.testing.assert_allclose(loss_eval, loss0, rtol=1e-6)
+
+
+def test_fit_threads_the_carry(tmp_path):
+    """Fast sibling of the slow test below: one layer, one device, no evaluation. With
+    state_passing_prob=1 the second step of ``fit`` starts from the first step's final FAM, which it
+    can only do if fit handed the carry of step 1 to step 2 (``initial_carry`` is marked invalid)."""
+    from looped_jax.config import CheckpointConfig, ExperimentConfig, OptimConfig, TrainConfig
+    from looped_jax.data import DataConfig, prepare
+    from looped_jax.train.trainer import Trainer
+
+    data = DataConfig(
+        name="passkey", data_dir=str(tmp_path / "data"), seq_len=16, passkey_digits=2, passkey_test_lens=(24,),
+        num_train=32, num_test=8,
+    )  # fmt: skip
+    prepare(data)
+    cfg = ExperimentConfig(
+        model=dataclasses.replace(TINY, vocab_size=22, num_layers=1, state_passing_prob=1.0),
+        data=data,
+        optim=OptimConfig(warmup_steps=1),
+        train=TrainConfig(num_steps=2, global_batch_size=4, log_every=1, output_dir=str(tmp_path / "run")),
+        checkpoint=CheckpointConfig(enabled=False),
+    )
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    trainer = Trainer(cfg, mesh=mesh, log=False)
+    assert trainer.stateful
+    state, history = trainer.fit()
+    assert history["train"]["state_passed"] == 1.0  # step 2 started from step 1's FAM
+    np.testing.assert_array_equal(np.asarray(state.carry["valid_B"]), 1.0)
+    assert state.carry["fam_BLFD"].shape == (4, 1, TINY.fam_length, TINY.d_model)
 
 
 @pytest.mark.slow

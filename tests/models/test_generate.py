@@ -1,6 +1,9 @@
-"""KV-cache generation: parity with the uncached forward, per-token exits and cache holes."""
+"""KV-cache generation: parity with the uncached forward and with a plainly written reference
+of per-token exits, cache sharing and warm start; cache holes."""
 
 import dataclasses
+import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +18,7 @@ from looped_jax.models.generate import (
     init_recurrent_depth_cache,
     recurrent_depth_forward_cached,
 )
+from looped_jax.nn import KVCache, apply_stack
 
 RD = RecurrentDepthConfig(
     vocab_size=37,
@@ -117,3 +121,294 @@ def test_cache_holes_are_filled_with_deepest_entry(tol):
         np.testing.assert_array_equal(steps, 1)
     else:  # rows exit at different steps: exercises both the per-row patch and the final fill
         assert int(steps.min()) < int(steps.max()) < loops
+
+
+# ------------------------------------------------------------------------------------------------
+# A plainly written reference of recurrent-depth decoding with per-token exits, built from the
+# model's blocks: Python loops over tokens, loop steps and rows. Loop step i reads and writes
+# cache slot i % n; a row that stopped after j steps has, in every slot, the entry of the deepest
+# step it ran that maps to the slot, or (a slot it never reached) its step j - 1 entry. The exit
+# is measured per row in float64: relative latent change and KL(p_k || p_{k-1}), p_0 uniform.
+
+RD1 = RecurrentDepthConfig(
+    vocab_size=32,
+    d_model=32,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=16,
+    mlp_dim=64,
+    num_prelude_layers=1,
+    num_core_layers=1,
+    num_coda_layers=1,
+    mean_loops=8,
+    grad_steps=2,
+)
+PROMPT1 = jax.random.randint(jax.random.key(1), (3, 4), 0, 32)
+LOOPS1 = 10
+
+
+@functools.cache
+def rd1_model():
+    return build_model(RD1, rngs=nnx.Rngs(0))
+
+
+@functools.cache
+def reference_pieces():
+    """Jitted prelude / one core step / coda+head of ``rd1_model`` with explicit caches."""
+    graphdef, state = nnx.split(rd1_model())
+
+    @jax.jit
+    def prelude(state, tokens_BT, positions_BT, caches, index):
+        m = nnx.merge(graphdef, state)
+        seg_BT = jnp.ones_like(tokens_BT)
+        e_BTD, caches = apply_stack(
+            m.prelude, m.embed_tokens(tokens_BT), positions_BT, seg_BT, caches=caches, cache_index=index
+        )
+        return e_BTD, caches
+
+    @jax.jit
+    def core(state, s_BTD, e_BTD, positions_BT, slot_cache, index):
+        m = nnx.merge(graphdef, state)
+        seg_BT = jnp.ones(positions_BT.shape, jnp.int32)
+        return m.core(s_BTD, e_BTD, positions_BT, seg_BT, caches=slot_cache, cache_index=index)
+
+    @jax.jit
+    def coda(state, s_BTD, positions_BT, caches, index):
+        m = nnx.merge(graphdef, state)
+        seg_BT = jnp.ones(positions_BT.shape, jnp.int32)
+        x_BTD, caches = apply_stack(m.coda, m.final_norm(s_BTD), positions_BT, seg_BT, caches=caches, cache_index=index)
+        return m.head(x_BTD), caches
+
+    return state, prelude, core, coda
+
+
+def log_softmax64(logits_V):
+    x = np.asarray(logits_V, np.float64)
+    x = x - x.max()
+    return x - np.log(np.sum(np.exp(x)))
+
+
+def kl64(logits_p, logits_q):
+    """KL(softmax(p) || softmax(q)) in float64, the textbook sum."""
+    logp, logq = log_softmax64(logits_p), log_softmax64(logits_q)
+    return float(np.sum(np.exp(logp) * (logp - logq)))
+
+
+class Reference(NamedTuple):
+    tokens: np.ndarray  # [B, N]
+    steps: np.ndarray  # [B, N]
+    kls: list  # per decode: [B] lists of KL(p_k || p_{k-1}) for the steps each row ran
+    core: list  # per slot: KVCache with [C, B, S, ...] arrays, after the last decode
+    logits: list  # per forward (prefill, then each decode): float32 [B, V] at the last position
+    final_s: list  # per forward: [B, 1, D] final latent at the last position
+
+
+def reference_decode(num_new, *, slots=0, warm_start=False, tol=None, kl_tol=None, min_loops=1, start=None):
+    """Greedy decoding of ``PROMPT1`` by ``rd1_model`` with s_0 = 0, written out plainly.
+
+    ``start`` (optional, [B, 1, D]): the first decode's initial latent instead of the rule above.
+    """
+    state, prelude, core, coda = reference_pieces()
+    cfg = RD1
+    batch, t0 = PROMPT1.shape
+    length = t0 + num_new
+    n = slots or LOOPS1
+    empty = lambda lead: jax.tree.map(
+        lambda a: jnp.zeros(lead + a.shape, a.dtype), KVCache.empty(batch, length, cfg.num_kv_heads, cfg.head_dim)
+    )
+    pre_caches = [empty(()) for _ in range(cfg.num_prelude_layers)]
+    coda_caches = [empty(()) for _ in range(cfg.num_coda_layers)]
+    slot_caches = [empty((cfg.num_core_layers,)) for _ in range(n)]
+
+    # Prefill: every row runs all loop steps.
+    positions = jnp.broadcast_to(jnp.arange(t0, dtype=jnp.int32), (batch, t0))
+    e, pre_caches = prelude(state, PROMPT1, positions, pre_caches, jnp.int32(0))
+    s = jnp.zeros((batch, t0, cfg.d_model))
+    for i in range(LOOPS1):
+        s, slot_caches[i % n] = core(state, s, e, positions, slot_caches[i % n], jnp.int32(0))
+    logits, coda_caches = coda(state, s, positions, coda_caches, jnp.int32(0))
+    tokens = [np.argmax(np.asarray(logits[:, -1]), -1)]
+    steps = [np.full(batch, LOOPS1)]
+    all_logits, final_s, kls = [np.asarray(logits[:, -1])], [np.asarray(s[:, -1:])], []
+    s_last = s[:, -1:]
+
+    for k in range(num_new - 1):
+        pos = t0 + k
+        positions = jnp.full((batch, 1), pos, jnp.int32)
+        e, pre_caches = prelude(state, jnp.asarray(tokens[-1][:, None], jnp.int32), positions, pre_caches, pos)
+        if k == 0 and start is not None:
+            s = jnp.asarray(start)
+        else:
+            s = s_last if warm_start else jnp.zeros((batch, 1, cfg.d_model))
+        s = np.array(s)
+        prev_logits = np.zeros((batch, cfg.vocab_size))  # uniform
+        active = [True] * batch
+        ran = [0] * batch
+        row_kls = [[] for _ in range(batch)]
+        for i in range(LOOPS1):
+            if not any(active):
+                break
+            q = i % n
+            s_new, new_slot = core(state, jnp.asarray(s), e, positions, slot_caches[q], pos)
+            s_new = np.asarray(s_new)
+            step_logits = np.asarray(coda(state, jnp.asarray(s_new), positions, coda_caches, pos)[0][:, 0])
+            written = jax.tree.map(np.array, slot_caches[q])
+            for b in range(batch):
+                if not active[b]:
+                    continue
+                for field, new_a in zip(written, new_slot, strict=True):  # this row's entry at pos
+                    field[:, b, pos] = np.asarray(new_a)[:, b, pos]
+                rel = np.linalg.norm(s_new[b].astype(np.float64) - s[b]) / np.linalg.norm(s_new[b].astype(np.float64))
+                kl = kl64(step_logits[b], prev_logits[b])
+                row_kls[b].append(kl)
+                s[b], prev_logits[b] = s_new[b], step_logits[b]
+                ran[b] += 1
+                done = ran[b] >= min_loops
+                done &= tol is None or rel < tol
+                done &= kl_tol is None or kl < kl_tol
+                active[b] = not done
+            slot_caches[q] = KVCache(*written)
+        # Slots a row never reached hold its deepest (last) entry.
+        slot_np = [jax.tree.map(np.array, c) for c in slot_caches]
+        for b in range(batch):
+            for q in range(ran[b], n):
+                for field, deepest in zip(slot_np[q], slot_np[ran[b] - 1], strict=True):
+                    field[:, b, pos] = deepest[:, b, pos]
+        slot_caches = [KVCache(*c) for c in slot_np]
+        logits, coda_caches = coda(state, jnp.asarray(s), positions, coda_caches, pos)
+        tokens.append(np.argmax(np.asarray(logits[:, -1]), -1))
+        steps.append(np.array(ran))
+        kls.append(row_kls)
+        all_logits.append(np.asarray(logits[:, -1]))
+        final_s.append(s)
+        s_last = jnp.asarray(s)
+    return Reference(np.stack(tokens, 1), np.stack(steps, 1), kls, slot_caches, all_logits, final_s)
+
+
+@functools.cache
+def reference(num_new, **kw):
+    return reference_decode(num_new, **kw)
+
+
+RULES = {
+    "tol": dict(tol=0.1),
+    "kl": dict(kl_tol=1e-2),
+    "both": dict(tol=0.1, kl_tol=1e-2),
+    "min_loops": dict(tol=0.3, min_loops=5),
+}
+
+
+@pytest.mark.parametrize(
+    "rule, slots, warm_start",
+    [
+        ("tol", 0, False),
+        ("kl", 2, True),
+        ("both", 3, False),
+        ("min_loops", 3, True),
+        ("both", 2, True),
+        ("kl", 0, False),
+    ],
+)
+def test_generation_matches_plain_reference(rule, slots, warm_start):
+    """Tokens and per-token steps equal the plainly written reference, for each exit rule, cache
+    sharing and warm start."""
+    kw = RULES[rule]
+    ref = reference(6, slots=slots, warm_start=warm_start, **kw)
+    rule_ = ExitRule(kw.get("tol"), kw.get("kl_tol"), kw.get("min_loops", 1))
+    out = generate(
+        rd1_model(),
+        PROMPT1,
+        max_new_tokens=6,
+        num_loops=LOOPS1,
+        exit_rule=rule_,
+        cache_sharing_slots=slots,
+        warm_start=warm_start,
+    )
+    np.testing.assert_array_equal(out.steps_BT, ref.steps)
+    np.testing.assert_array_equal(out.tokens_BT, ref.tokens)
+    assert len(np.unique(ref.steps[:, 1:])) > 1  # rows and tokens exit at different steps
+
+
+def manual_decode(num_new, *, slots, rule, warm_start, start=None):
+    """The module's cached forward called one token at a time (greedy, s_0 = 0)."""
+    model = rd1_model()
+    graphdef, state = nnx.split(model)
+    batch, t0 = PROMPT1.shape
+
+    @functools.partial(jax.jit, static_argnames="exit_rule")
+    def fwd(state, tokens_BT, cache, s0_BTD, index, exit_rule):
+        m = nnx.merge(graphdef, state)
+        return recurrent_depth_forward_cached(
+            m, tokens_BT, cache, s0_BTD, index=index, num_loops=LOOPS1, exit_rule=exit_rule
+        )
+
+    cache = init_recurrent_depth_cache(model, batch, t0 + num_new, slots or LOOPS1)
+    logits, s, steps, cache = fwd(state, PROMPT1, cache, jnp.zeros((batch, t0, RD1.d_model)), jnp.int32(0), None)
+    outs = [(logits[:, -1], s[:, -1:], steps)]
+    for k in range(num_new - 1):
+        token = jnp.argmax(outs[-1][0], -1).astype(jnp.int32)[:, None]
+        if k == 0 and start is not None:
+            s0 = start
+        else:
+            s0 = outs[-1][1] if warm_start else jnp.zeros((batch, 1, RD1.d_model))
+        logits, s, steps, cache = fwd(state, token, cache, s0, jnp.int32(t0 + k), rule)
+        outs.append((logits[:, -1], s, steps))
+    return outs, cache
+
+
+@pytest.mark.parametrize("slots", [2, 3])
+def test_cache_sharing_slots_match_reference(slots):
+    """With n slots the core cache has n entries per position and loop step i lives in slot i % n:
+    the cache, logits and latents after a prefill and early-exit decodes equal the reference's."""
+    rule = ExitRule(tol=0.1, kl_tol=1e-2)
+    ref = reference(4, slots=slots, warm_start=True, tol=0.1, kl_tol=1e-2)
+    outs, cache = manual_decode(4, slots=slots, rule=rule, warm_start=True)
+    assert cache.core.k_BSKH.shape[:2] == (slots, RD1.num_core_layers)
+    for (logits, s, steps), ref_logits, ref_s, ref_steps in zip(
+        outs, ref.logits, ref.final_s, ref.steps.T, strict=True
+    ):
+        np.testing.assert_array_equal(steps, ref_steps)
+        np.testing.assert_allclose(logits, ref_logits, atol=1e-6, rtol=1e-6)
+        np.testing.assert_allclose(s, ref_s, atol=1e-6, rtol=1e-6)
+    for q in range(slots):
+        for got, want in zip(jax.tree.leaves(_take_slot(cache.core, q)), jax.tree.leaves(ref.core[q]), strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+
+
+def _take_slot(core, q):
+    return jax.tree.map(lambda a: a[q], core)
+
+
+def test_warm_start_feeds_previous_final_latent():
+    """With warm_start every decode starts from the previous token's final latent: generation
+    equals a manual decode loop that passes that latent on, and differs from starting at s_0 = 0."""
+    rule = ExitRule(tol=0.1)
+    out = generate(rd1_model(), PROMPT1, max_new_tokens=5, num_loops=LOOPS1, exit_rule=rule, warm_start=True)
+    warm, _ = manual_decode(5, slots=0, rule=rule, warm_start=True)
+    cold, _ = manual_decode(5, slots=0, rule=rule, warm_start=False)
+    steps = lambda outs: np.stack([np.asarray(o[2]) for o in outs], 1)
+    tokens = lambda outs: np.stack([np.argmax(np.asarray(o[0]), -1) for o in outs], 1)
+    np.testing.assert_array_equal(out.steps_BT, steps(warm))
+    np.testing.assert_array_equal(out.tokens_BT, tokens(warm))
+    assert not np.array_equal(steps(warm), steps(cold))
+
+
+@pytest.mark.parametrize("exit_step", [1, 2])
+def test_kl_exit_threshold(exit_step):
+    """A row exits at step k once KL(p_k || p_{k-1}) < kl_tol (p_0 uniform) and continues while it
+    is above: kl_tol just above / below the measured KL of row 0 at step k = min_loops."""
+    ref = reference(2, kl_tol=1e-9)  # a tolerance nothing meets: every step's KL is measured
+    kl = ref.kls[0][0][exit_step - 1]
+    assert kl > 1e-6
+    for factor, exits in ((1.05, True), (0.95, False)):
+        rule = ExitRule(tol=None, kl_tol=kl * factor, min_loops=exit_step)
+        (_, (_, _, steps)), _ = manual_decode(2, slots=0, rule=rule, warm_start=False)
+        assert (int(steps[0]) == exit_step) == exits, (factor, int(steps[0]))
+
+
+def test_exit_rule_errors_name_the_field():
+    model = rd1_model()
+    with pytest.raises(ValueError, match="ExitRule.min_loops"):
+        generate(model, PROMPT1, max_new_tokens=2, exit_rule=ExitRule(tol=0.1, min_loops=0))
+    with pytest.raises(ValueError, match="ExitRule.kl_tol"):
+        generate(model, PROMPT1, max_new_tokens=2, exit_rule=ExitRule(tol=None, kl_tol=-1.0))

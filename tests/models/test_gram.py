@@ -1,6 +1,9 @@
-"""GRAM (Baek et al. 2026): KL balancing, gradient routing, parallel trajectories, selection rules, frozen z_0."""
+"""GRAM (Baek et al. 2026): KL balancing, gradient routing, parallel trajectories, selection rules, frozen z_0,
+and parity of the loop-engine version with the hand-written loops it replaced."""
 
+import importlib.util
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -9,16 +12,19 @@ import pytest
 from flax import nnx
 
 from looped_jax.data.sudoku import encode, generate_sudoku
+from looped_jax.losses import gaussian_kl, softmax_cross_entropy
 from looped_jax.models import MODEL_CLASSES, build_model
 from looped_jax.models.gram import (
     GramConfig,
     GramModel,
     balanced_kl,
     gather_trajectory,
-    gaussian_kl,
     select_by_reward,
     select_majority,
 )
+from looped_jax.models.protocol import LossOutput, check_model
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 TINY = dict(
     vocab_size=6,
@@ -150,6 +156,187 @@ def test_gradient_only_through_last_transition(model, batch):
     assert diff > 1e-4
 
 
+def test_supervision_step_detaches_incoming_state_with_one_transition(batch):
+    """num_transitions = 1: the engine's gradient-free prefix is empty, the incoming state must still be cut."""
+    model = _build(GramConfig(**{**TINY, "num_transitions": 1}), seed=1)
+    state0 = model.initial_state(batch["inputs"].shape[0])
+    x = model.embed_inputs(batch["inputs"])
+    g_h, g_l = jax.jit(jax.grad(lambda s: model.supervision_step(s, x, batch, jax.random.key(0))[1]))(state0)
+    assert float(jnp.abs(g_h).max()) == 0.0 and float(jnp.abs(g_l).max()) == 0.0
+
+
+# ----------------------------------------------------------------------------- loop engine parity
+
+
+def _reference_logits(model, batch, key, depth):
+    """The pre-engine ``__call__`` as a Python loop: ``depth`` prior transitions keyed split(key, depth)."""
+    x = model.embed_inputs(batch["inputs"])
+    state = model.initial_state(batch["inputs"].shape[0])
+    for k in jax.random.split(key, depth) if depth else ():
+        state, _ = model.transition(state, x, batch["positions"], batch["segment_ids"], k)
+    return model.logits(state[0])
+
+
+def _reference_loss(model, batch, rng):
+    """The pre-engine loss as plain Python loops with explicit stop_gradient and its key splitting."""
+    cfg, sg = model.cfg, jax.lax.stop_gradient
+    x = model.embed_inputs(batch["inputs"])
+    noise_targets = batch["targets"] if cfg.carry_posterior else None
+    state = model.initial_state(batch["inputs"].shape[0])
+    losses, per_step = [], []
+    for key in jax.random.split(rng, cfg.supervision_steps):
+        keys = jax.random.split(key, cfg.num_transitions + 1)
+        state = sg(state)
+        for t in range(cfg.num_transitions - 1):
+            state, _ = model.transition(state, x, batch["positions"], batch["segment_ids"], keys[t], noise_targets)
+            state = sg(state)
+        state, loss_m, metrics_m = model.last_transition_loss(state, x, batch, keys[-2], keys[-1])
+        losses.append(loss_m)
+        per_step.append(metrics_m)
+    loss = jnp.stack(losses).mean()
+    return loss, dict(per_step[-1], first_step_exact=per_step[0]["exact"], loss=loss)
+
+
+def test_split_keys_are_fold_in_keys():
+    """The identity behind one noise stream: for threefry keys split(k, n)[t] == fold_in(k, t) for every n.
+
+    GRAM's engine loops key transition t with fold_in(k, t); before they keyed it split(k, n)[t], so this
+    is why their outputs (and the README's GRAM table) are unchanged. Fails if JAX's default PRNG changes.
+    """
+    key = jax.random.key(123)
+    for n in (1, 3, 8):
+        split = jax.random.key_data(jax.random.split(key, n))
+        folded = jnp.stack([jax.random.key_data(jax.random.fold_in(key, t)) for t in range(n)])
+        np.testing.assert_array_equal(split, folded)
+
+
+@pytest.mark.slow
+def test_loss_and_grads_match_python_loop_reference(model, batch):
+    """End to end: engine loss, metrics and parameter gradients == the Python-loop reference.
+
+    The two programs round differently in float32 (XLA fuses the unrolled graph and the scanned one
+    differently, and the scan's transpose sums each step's gradient in another order): the loss differs
+    by about one ulp and the gradients by up to ~5e-6 of a leaf's largest entry (attention q/k, behind the
+    softmax). Gradients are compared at 1e-5 of that scale; the fast end-to-end loss checks (1e-6 against
+    the pre-engine loops) are `test_loss_matches_pre_engine_fixture`.
+    """
+    graphdef, params = nnx.split(model, nnx.Param)
+    rng = jax.random.key(5)
+    out = jax.eval_shape(lambda: model.loss(batch, rng=rng))
+    assert isinstance(out, LossOutput) and out.carry is None and model.initial_carry(4) is None
+
+    def value_and_grad(fn):
+        return jax.value_and_grad(lambda p: tuple(fn(nnx.merge(graphdef, p))[:2]), has_aux=True)(params)
+
+    (loss, metrics), grads = jax.jit(lambda: value_and_grad(lambda m: m.loss(batch, rng=rng)))()
+    (ref_loss, ref_metrics), ref_grads = jax.jit(lambda: value_and_grad(lambda m: _reference_loss(m, batch, rng)))()
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+    assert metrics.keys() == ref_metrics.keys()
+    for k in metrics:
+        np.testing.assert_allclose(float(metrics[k]), float(ref_metrics[k]), rtol=1e-6, atol=1e-6, err_msg=k)
+    g, ref_g = nnx.to_pure_dict(grads), nnx.to_pure_dict(ref_grads)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(ref_g), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()), err_msg=str(path))
+    for name in ("embed", "target_embed", "f_l", "f_h", "prior_mu", "post_mu", "halt_head", "reward_out"):
+        assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g[name])) > 0, name  # every head trains
+
+
+def test_call_depths_equal_hand_rolled_transitions(model, batch):
+    """__call__ at depth 0 reads z_0, at depth d equals d hand-rolled prior transitions; traced == static;
+    rollout's prediction is the argmax of __call__'s logits (one noise stream)."""
+    b = batch["inputs"].shape[0]
+    key = jax.random.key(11)
+    kw = dict(positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"], rng=key)
+
+    @jax.jit
+    def run(n_traced):
+        static = {d: model(batch["inputs"], num_loops=d, **kw) for d in (0, 3)}
+        traced = model(batch["inputs"], num_loops=n_traced, **kw)
+        pred, _, _ = model.rollout(batch["inputs"], batch["positions"], batch["segment_ids"], batch["weights"], key, 3)
+        return static, traced, pred, _reference_logits(model, batch, key, 3), _reference_logits(model, batch, key, 1)
+
+    static, traced_3, pred_3, ref_3, ref_1 = run(jnp.int32(3))
+    _, traced_1, _, _, _ = run(jnp.int32(1))
+    _, traced_0, _, _, _ = run(jnp.int32(0))
+    tol = dict(rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(static[0], model.logits(model.initial_state(b)[0]), **tol)
+    np.testing.assert_allclose(traced_0, static[0], **tol)
+    np.testing.assert_allclose(traced_3, static[3], **tol)
+    np.testing.assert_allclose(traced_1, ref_1, **tol)
+    # After three transitions the Python loop and the engine's scan round differently in float32 (up to
+    # ~1e-6 of the logits' scale): compared at 1e-5 of that scale.
+    np.testing.assert_allclose(static[3], ref_3, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref_3).max()))
+    np.testing.assert_array_equal(pred_3, jnp.argmax(static[3], -1))
+    assert not np.allclose(static[3], static[0]) and not np.allclose(traced_1, traced_3)
+
+
+def test_call_noise_follows_rng(model, batch):
+    """Prior noise (sigma 0.3 at init) comes from ``rng``: same key, same logits; another key, other logits."""
+    call = jax.jit(
+        lambda k: model(batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"], rng=k)
+    )
+    a, again, other = call(jax.random.key(0)), call(jax.random.key(0)), call(jax.random.key(1))
+    np.testing.assert_array_equal(a, again)
+    assert float(jnp.abs(a - other).max()) > 1e-2
+    no_rng = jax.jit(lambda: model(batch["inputs"], positions_BT=batch["positions"]))()  # rng None = key(0)
+    np.testing.assert_allclose(no_rng, a, rtol=1e-6, atol=1e-6)
+
+
+def test_evaluate_sums_weighted_ce_of_call(model, batch):
+    """evaluate = sums of weighted CE / correct / tokens of __call__'s logits at depth num_loops, rng key(0)."""
+    check_model(model)
+    weights = batch["weights"].at[:, :5].set(0.0)  # padding cells must not count
+    b = dict(batch, weights=weights)
+    sums = jax.jit(lambda n: model.evaluate(b, num_loops=n))(jnp.int32(2))
+    logits = jax.jit(lambda: _reference_logits(model, batch, jax.random.key(0), 2))()
+    ce_BT = softmax_cross_entropy(logits, batch["targets"])
+    correct_BT = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+    np.testing.assert_allclose(float(sums["loss_sum"]), float((ce_BT * weights).sum()), rtol=1e-6)
+    np.testing.assert_allclose(float(sums["correct"]), float((correct_BT * weights).sum()), rtol=1e-6)
+    assert float(sums["num_tokens"]) == float(weights.sum())
+
+
+def _fixture():
+    """(the module that wrote the fixture, the recorded arrays, the recorded batch)."""
+    spec = importlib.util.spec_from_file_location("make_gram_reference", FIXTURES / "make_gram_reference.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    ref = np.load(FIXTURES / "gram_reference.npz")
+    return maker, ref, {k.removeprefix("batch/"): ref[k] for k in ref.files if k.startswith("batch/")}
+
+
+def _assert_matches_fixture(new: dict, ref, prefix: str = "") -> set:
+    """Each new array == the recorded one to 1e-6; returns the recorded names not compared."""
+    recorded = {k.removeprefix(prefix) for k in ref.files if k.startswith(prefix) and not k.startswith("batch/")}
+    for k in new:
+        recorded.discard(k)
+        want = ref[prefix + k]
+        np.testing.assert_allclose(new[k], want, rtol=1e-6, atol=1e-6 * max(float(np.abs(want).max()), 1.0), err_msg=k)
+    return recorded
+
+
+@pytest.mark.parametrize("carry_posterior", [False, True])
+def test_loss_matches_pre_engine_fixture(carry_posterior):
+    """End to end (loss, metrics, every parameter gradient), the engine version reproduces to 1e-6 what the
+    hand-written scan version computed (tests/fixtures/gram_reference.npz, recorded before the move)."""
+    maker, ref, batch = _fixture()
+    new = maker.loss_arrays(GramConfig(**maker.CFG, carry_posterior=carry_posterior), batch)
+    assert any(k.startswith("loss_grad/f_l/") for k in new) and "metric/first_step_exact" in new
+    prefix = "carry_posterior/" if carry_posterior else ""
+    left = _assert_matches_fixture(new, ref, prefix)
+    assert not {k for k in left if k.startswith(("loss", "metric/"))}, left  # nothing recorded went unchecked
+
+
+def test_inference_matches_pre_engine_fixture():
+    """__call__ at a static and a traced depth (and its gradients), rollout and sample_trajectories: the
+    engine version reproduces the pre-engine scan / fori_loop outputs to 1e-6."""
+    maker, ref, batch = _fixture()
+    new = maker.inference_arrays(GramConfig(**maker.CFG), batch)
+    assert {"call_static", "call_traced", "rollout/pred", "sample/reward"} <= set(new)
+    left = _assert_matches_fixture(new, ref)
+    assert not {k for k in left if k.startswith(("call", "rollout/", "sample/"))}, left
+
+
 @pytest.mark.slow
 def test_loss_trains_tiny_batch(batch):
     """A few Adam steps on one batch lower the loss (CE + beta KL + halting + reward terms all finite)."""
@@ -163,7 +350,7 @@ def test_loss_trains_tiny_batch(batch):
     @jax.jit
     def step(params, opt, key):
         (loss, metrics), grads = jax.value_and_grad(
-            lambda p: nnx.merge(graphdef, p).loss(batch, rng=key, train=True), has_aux=True
+            lambda p: tuple(nnx.merge(graphdef, p).loss(batch, rng=key, train=True)[:2]), has_aux=True
         )(params)
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt, loss, metrics

@@ -82,7 +82,7 @@ def test_overfit(kw):
 
     @jax.jit
     def train_step(params, opt_state):
-        f = lambda p: nnx.merge(graphdef, p, rest).loss(b, rng=jax.random.key(0))
+        f = lambda p: nnx.merge(graphdef, p, rest).loss(b, rng=jax.random.key(0))[:2]
         (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics

@@ -174,8 +174,8 @@ def test_config_errors_name_the_field(field, value):
     "name,low,high",
     [
         ("titans_mac_340m", 320e6, 360e6),
-        pytest.param("titans_mac_400m", 380e6, 420e6, marks=pytest.mark.slow),
-        pytest.param("titans_mac_760m", 730e6, 790e6, marks=pytest.mark.slow),
+        ("titans_mac_400m", 380e6, 420e6),
+        ("titans_mac_760m", 730e6, 790e6),
     ],
 )
 def test_full_size_param_count_without_allocation(name, low, high):

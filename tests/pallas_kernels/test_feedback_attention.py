@@ -140,7 +140,7 @@ def test_gpu_kernels_match_reference_in_gpu_interpret_mode():
     do = jnp.asarray(np.random.default_rng(7).standard_normal(q.shape, np.float32)).astype(jnp.bfloat16)
     cfg = fam_ops._KernelConfig(
         block_size=S, memory_segments=M, scale=1 / math.sqrt(K), block_q=64, block_k=64,
-        platform="compiled", interpret=False,
+        kernel="pallas_gpu", backward="pallas_gpu", backward_reason="", interpret=False,
     )  # fmt: skip
     Tp = 128
     bhtk = lambda x: jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
@@ -191,9 +191,9 @@ def test_sharded_kernel_matches_reference_on_8_devices():
 EXPORT_SHAPE = dict(B=1, T=1000, H=4, G=2, K=128, S=256, M=2, F=64)
 
 
-def _export_fns(block_q=None, block_k=None):
-    kw = dict(block_size=EXPORT_SHAPE["S"], memory_segments=EXPORT_SHAPE["M"])
-    f = lambda *a: feedback_attention(*a, impl="pallas", interpret=False, block_q=block_q, block_k=block_k, **kw)
+def _export_fns(platform, block_q=None, block_k=None, impl="pallas"):
+    kw = dict(block_size=EXPORT_SHAPE["S"], memory_segments=EXPORT_SHAPE["M"], platform=platform)
+    f = lambda *a: feedback_attention(*a, impl=impl, interpret=False, block_q=block_q, block_k=block_k, **kw)
     g = jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3, 4))
     return {"fwd": f, "grad": g}
 
@@ -209,13 +209,21 @@ def _structs(dtype, sharding=None):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_export_lowers(platform, custom_call, dtype):
     """Default tiles (TPU: 256 = block_size here; GPU: 128); the cuda export runs the Mosaic-GPU lowering, so it
-    catches unsupported primitives and SMEM overflow on a CPU-only host."""
-    for name, fn in _export_fns().items():
+    catches unsupported primitives and SMEM overflow on a CPU-only host. The kernels are in both the forward and
+    the gradient module (the gradient: forward + dq + dk,dv + dFAM kernels); on CUDA in f32 (the GPU kernels are
+    bf16-only) impl="pallas" is an error naming the dtype and impl="auto" exports the reference."""
+    if platform == "cuda" and dtype == jnp.float32:
+        for fn in _export_fns(platform).values():
+            with pytest.raises(ValueError, match="dtype float32"):
+                jax.export.export(jax.jit(fn), platforms=[platform])(*_structs(dtype))
+        for name, fn in _export_fns(platform, impl="auto").items():
+            text = jax.export.export(jax.jit(fn), platforms=[platform])(*_structs(dtype)).mlir_module()
+            assert custom_call not in text, name
+        return
+    for name, fn in _export_fns(platform).items():
         exp = jax.export.export(jax.jit(fn), platforms=[platform])(*_structs(dtype))
-        text = exp.mlir_module()
-        # The Mosaic kernels are in the module, except on CUDA in f32 (the GPU kernels are bf16-only: pure-JAX path).
-        uses_kernel = platform == "tpu" or dtype == jnp.bfloat16
-        assert (custom_call in text) == uses_kernel, (platform, name)
+        count = exp.mlir_module().count(f"@{custom_call}")
+        assert count == (1 if name == "fwd" else 4), (platform, name, count)
 
 
 def test_aot_compile_tpu_v5e():
@@ -226,7 +234,7 @@ def test_aot_compile_tpu_v5e():
         pytest.skip(f"TPU topology unavailable: {e}")
     sharding = jax.sharding.SingleDeviceSharding(topo.devices[0])
     for dtype in (jnp.float32, jnp.bfloat16):
-        for name, fn in _export_fns(block_q=128, block_k=64).items():
+        for name, fn in _export_fns("tpu", block_q=128, block_k=64).items():
             compiled = jax.jit(fn).lower(*_structs(dtype, sharding)).compile()
             assert compiled.memory_analysis() is not None, name
 

@@ -124,6 +124,38 @@ def test_gpu_kernel_interpret_matches_chunked(memory):
     assert_trees_close((got[3], got[4]), tuple(want[2]), rtol=1e-5)
 
 
+ZERO_SURPRISE_IMPLS = {
+    "reference": functools.partial(memory_update_reference, chunk_size=4),
+    "xla": functools.partial(memory_update, chunk_size=4, impl="xla"),
+    "pallas": functools.partial(memory_update, chunk_size=4, impl="pallas", interpret=True),
+}
+
+
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+@pytest.mark.parametrize("impl", list(ZERO_SURPRISE_IMPLS))
+def test_zero_surprise_chunk_with_clipping_has_finite_gradients(impl, memory):
+    """theta = 0 on a whole chunk makes that chunk's summed surprise exactly 0; with clipping on, sqrt(0) used to
+    turn every gradient NaN (issue 18). Now: with the clip inactive everywhere the gradients equal the unclipped
+    ones, and with it active on the other chunks they stay finite and match the reference."""
+    q, k, v, alpha, eta, theta, state = make_inputs(T=12, memory=memory)
+    args = (q, k, v, alpha, eta, theta.at[:, :, 4:8].set(0.0), state)  # chunk 1 of 3 (chunk_size 4)
+    fn = functools.partial(ZERO_SURPRISE_IMPLS[impl], memory=memory)
+    grads = lambda max_norm: fast_jit(
+        jax.grad(lambda *a: scalar_loss(functools.partial(fn, max_surprise_norm=max_norm))(*a)[0], argnums=GRAD_ARGS)
+    )(*args)
+    g_inactive, g_unclipped = grads(1e3), grads(None)
+    assert_trees_close(g_inactive, g_unclipped, rtol=1e-6)  # also asserts every entry is finite
+    g_active = grads(0.05)  # clips chunks 0 and 2 (their surprise norm is ~0.1-1)
+    for g in jax.tree.leaves(g_active):
+        assert bool(jnp.all(jnp.isfinite(g)))
+    pairs = zip(jax.tree.leaves(g_active), jax.tree.leaves(g_unclipped), strict=True)
+    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in pairs) > 1e-3  # the clip is really active there
+    if impl != "reference":
+        ref = functools.partial(memory_update_reference, chunk_size=4, memory=memory, max_surprise_norm=0.05)
+        g_ref = fast_jit(jax.grad(lambda *a: scalar_loss(ref)(*a)[0], argnums=GRAD_ARGS))(*args)
+        assert_trees_close(g_active, g_ref, rtol=2e-4)
+
+
 def test_chunking_changes_the_result():
     """Sanity for the parity tests above: chunk-start gradients really differ from per-token gradients here."""
     args = make_inputs(T=12)
@@ -243,7 +275,13 @@ def _abstract_args(memory, B=2, H=2, T=200, K=64, V=64, sharding=None):
 @pytest.mark.parametrize("memory", ["linear", "mlp"])
 def test_export_lowering(platform, memory):
     fwd = functools.partial(
-        memory_update, chunk_size=64, memory=memory, impl="pallas", interpret=False, max_surprise_norm=1.0
+        memory_update,
+        chunk_size=64,
+        memory=memory,
+        impl="pallas",
+        interpret=False,
+        max_surprise_norm=1.0,
+        platform=platform,
     )
     args = _abstract_args(memory)
     checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]  # Triton IR has no stability promise
@@ -264,7 +302,7 @@ def test_aot_compile_tpu_v5e():
         pytest.skip(f"TPU topology unavailable: {e}")
     mesh = Mesh(np.array(topo.devices).reshape(4), ("data",))
     args = _abstract_args("linear", B=4, T=256, sharding=NamedSharding(mesh, P("data")))
-    inner = functools.partial(memory_update, chunk_size=64, impl="pallas", interpret=False)
+    inner = functools.partial(memory_update, chunk_size=64, impl="pallas", interpret=False, platform="tpu")
     fwd = jax.shard_map(inner, mesh=mesh, in_specs=P("data"), out_specs=P("data"))
     jax.jit(fwd).lower(*args).compile()
     jax.jit(jax.grad(lambda *a: jnp.sum(fwd(*a)[0]), argnums=GRAD_ARGS)).lower(*args).compile()

@@ -237,8 +237,8 @@ def test_errors():
     r = jnp.int32(3)
     with pytest.raises(ValueError, match="num_steps must be >= 0"):
         unroll(step, params, carry, x, num_steps=-1)
-    with pytest.raises(ValueError, match="grad_steps must be None or a Python int >= 1"):
-        unroll(step, params, carry, x, num_steps=3, grad_steps=0)
+    with pytest.raises(ValueError, match="grad_steps must be None or a Python int >= 0"):
+        unroll(step, params, carry, x, num_steps=3, grad_steps=-1)
     with pytest.raises(ValueError, match="grad_steps must be a static int"):
         unroll(step, params, carry, x, num_steps=r)
     with pytest.raises(ValueError, match="needs a static max_steps"):

@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
+from looped_jax.losses import log_stablemax, stablemax_cross_entropy, stablemax_s
 from looped_jax.train.adam_atan2 import adam_atan2, hrm_optimizer, linear_warmup, puzzle_labels, sign_sgd
-from looped_jax.train.stablemax import log_stablemax, stablemax_cross_entropy, stablemax_s
 
 
 def test_adam_atan2_matches_hand_computed_updates():

@@ -1,5 +1,5 @@
 """HRM / TRM through the shared Trainer: ACT carry kept across steps, AdamATan2 + sign-SGD from
-``optim.name``, EMA weights for evaluation, checkpoint resume of the carry."""
+``optim.name``, EMA weights for evaluation, checkpoint resume of the carry, evaluate() sums."""
 
 import dataclasses
 
@@ -63,6 +63,11 @@ def test_hrm_trains_in_the_trainer_and_resumes_its_carry(sudoku_data, tmp_path):
     steps = np.asarray(jax.device_get(state.carry["steps"]))
     assert steps.shape == (8,) and steps.max() >= 1  # the ACT step counters advanced across optimizer steps
     assert np.isfinite(history["train"]["loss"])
+    # evaluate() sums: token loss / accuracy plus whole-answer accuracy over the rows of one batch.
+    ev = history["eval"]["test"]
+    assert ev["num_rows"] == 8 and ev["exact_accuracy"] == ev["exact_sum"] / 8
+    assert 0.0 <= ev["exact_accuracy"] <= 1.0
+    assert np.isfinite(ev["loss"]) and 0.0 <= ev["accuracy"] <= 1.0
     # 2 steps + resume + 2 steps == 4 straight (carry, optimizer and data position restored).
     cfg_b = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(tmp_path / "b")))
     Trainer(cfg_b, log=False).fit(stop_at=2)

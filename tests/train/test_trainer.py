@@ -148,3 +148,24 @@ def test_aot_compile_for_tpu_topology(data_cfg, tmp_path):
     assert stats["devices"] == 4 and stats["platform"] == "tpu"
     assert stats["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
     assert 0 < stats["peak_estimate_gib_per_chip"] < 1
+
+
+def test_max_minutes_stops_early_and_records_the_step(data_cfg, tmp_path):
+    """A wall-clock budget shorter than one step stops after the first step, checkpointed there."""
+    from looped_jax.checkpoint import Checkpointer
+
+    devices = jax.devices()[:1]
+    mesh = jax.sharding.Mesh(np.array(devices).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    cfg = _cfg(data_cfg, tmp_path, steps=20, save_every=0)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_minutes=1e-6))
+    state, history = Trainer(cfg, mesh=mesh, log=False).fit()
+    assert int(state.step) == 1 and history["steps"] == 1
+    assert history["stopped_by"] == "max_minutes"
+    assert history["train"] is not None and np.isfinite(history["train"]["loss"])
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    assert ckpt.latest_step() == 1
+    ckpt.close()
+    # Without a budget the same config runs to train.num_steps (resuming from the step-1 checkpoint).
+    full = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_minutes=0.0, num_steps=3))
+    state, history = Trainer(full, mesh=mesh, log=False).fit()
+    assert history["steps"] == 3 and history["stopped_by"] is None
