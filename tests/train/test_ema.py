@@ -6,24 +6,17 @@ import numpy as np
 import pytest
 
 from looped_jax.config import CheckpointConfig, ExperimentConfig, OptimConfig, TrainConfig
-from looped_jax.data import DataConfig, prepare, vocab_size
+from looped_jax.data import vocab_size
 from looped_jax.models.looped import LoopedConfig
 from looped_jax.train.trainer import Trainer
+from tests.train.tiny import single_device_mesh, tiny_chains_data
 
 DECAY = 0.75  # far from 0 and 1, so a swapped or missing term shows
 
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
-    data = DataConfig(
-        name="chains",
-        data_dir=str(tmp_path_factory.mktemp("tfds")),
-        seq_len=40,
-        num_train=64,
-        num_test=16,
-        test_hops=(2,),
-    )
-    prepare(data)
+    data = tiny_chains_data(str(tmp_path_factory.mktemp("tfds")))
     model = LoopedConfig(
         vocab_size=vocab_size(data), d_model=16, num_heads=2, num_kv_heads=2, head_dim=8, mlp_dim=32, num_layers=1,
         num_loops=2,
@@ -35,7 +28,7 @@ def trainer(tmp_path_factory):
         train=TrainConfig(num_steps=2, global_batch_size=8, output_dir=str(tmp_path_factory.mktemp("out"))),
         checkpoint=CheckpointConfig(enabled=False),
     )
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    mesh = single_device_mesh()
     return Trainer(cfg, mesh=mesh, log=False)
 
 

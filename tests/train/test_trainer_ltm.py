@@ -8,9 +8,10 @@ import pytest
 from flax import nnx
 
 from looped_jax.config import CheckpointConfig, ExperimentConfig, OptimConfig, TrainConfig
-from looped_jax.data import DataConfig, make_pipeline, prepare, vocab_size
+from looped_jax.data import make_pipeline, vocab_size
 from looped_jax.models.latent_thought import LatentThoughtConfig
 from looped_jax.train.trainer import Trainer
+from tests.train.tiny import single_device_mesh, tiny_chains_data
 
 EVAL_BATCH = 8
 EVAL_BATCHES = 2
@@ -18,15 +19,7 @@ EVAL_BATCHES = 2
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
-    data = DataConfig(
-        name="chains",
-        data_dir=str(tmp_path_factory.mktemp("tfds")),
-        seq_len=40,
-        num_train=64,
-        num_test=16,
-        test_hops=(2,),
-    )
-    prepare(data)
+    data = tiny_chains_data(str(tmp_path_factory.mktemp("tfds")))
     model = LatentThoughtConfig(
         vocab_size=vocab_size(data),
         d_model=32,
@@ -47,7 +40,7 @@ def trainer(tmp_path_factory):
         train=TrainConfig(num_steps=1, global_batch_size=EVAL_BATCH, output_dir=str(tmp_path_factory.mktemp("out"))),
         checkpoint=CheckpointConfig(enabled=False),
     )
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    mesh = single_device_mesh()
     return Trainer(cfg, mesh=mesh, log=False)
 
 
