@@ -2,63 +2,230 @@
 
 With libtpu installed (the ``tpu`` extra), ``jax.experimental.topologies`` describes a TPU
 slice (e.g. ``v5e:16x16``) without the hardware; lowering and compiling the train step for its
-devices checks the sharding and reports per-chip memory before a pod is ever booked.
+devices checks the sharding and reports per-chip memory before a pod is ever booked. Tracing
+runs under ``use_platform("tpu")``, so the program is the one a TPU runs (Mosaic kernels, not
+the CPU host's XLA fallbacks).
+
+Reported per chip: the compiler's peak memory (``peak_memory_in_bytes``), arguments, outputs and
+temporaries; whether the peak fits the chip's HBM (a config that does not fit is compiled again
+with the HBM limit raised, so its numbers and shortfall are still reported); collectives and
+Mosaic custom calls in the HLO; FLOPs counted from the optimized HLO with every while-loop body
+multiplied by its trip count (``cost_analysis`` counts each body once; it is printed beside);
+analytic model FLOPs; and a compute-bound projected step time and MFU at the chip's peak.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
+import re
 import time
 
 import jax
 import jax.numpy as jnp
 
 from looped_jax import sharding as shd
+from looped_jax.aot_hlo import hlo_stats
 from looped_jax.config import ExperimentConfig
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipSpec:
+    """Per-chip HBM (what XLA may use) and peak dense bf16 FLOP/s (vendor figures)."""
+
+    hbm_gib: float
+    peak_bf16_flops: float
+
+
+# Usable HBM as libtpu reports it (v5e: "available HBM (15.75G)") and the published bf16 peaks.
+CHIPS = {
+    "v4": ChipSpec(31.25, 275e12),
+    "v5e": ChipSpec(15.75, 197e12),
+    "v5p": ChipSpec(95.74, 459e12),
+    "v6e": ChipSpec(31.25, 918e12),
+}
+# Slice shapes Cloud TPU offers (2-D tori for v5e / v6e, 3-D for v4 / v5p).
+_2D = ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")
+_3D = tuple(
+    f"{a}x{b}x{c}"
+    for a, b, c in [(2, 2, 1), (2, 2, 2), (2, 2, 4), (2, 4, 4), (4, 4, 4), (4, 4, 8), (4, 8, 8), (8, 8, 8),
+                    (8, 8, 16), (8, 16, 16), (16, 16, 16), (16, 16, 24)]
+)  # fmt: skip
+TOPOLOGIES = {"v4": _3D, "v5e": _2D, "v5p": _3D, "v6e": _2D}
+
+
+def parse_topology(topology: str) -> tuple[str, int]:
+    """(chip generation, number of chips) of a name such as ``v5e:16x16``; a ValueError lists the valid names."""
+    gen, _, shape = topology.partition(":")
+    if gen not in TOPOLOGIES or shape not in TOPOLOGIES[gen]:
+        valid = "; ".join(f"{g}: {', '.join(s)}" for g, s in TOPOLOGIES.items())
+        raise ValueError(f"unknown TPU topology {topology!r}; valid names are <chip>:<shape> with {valid}")
+    return gen, math.prod(int(d) for d in shape.split("x"))
 
 
 def topology_devices(topology: str) -> list:
     """Devices of a TPU topology such as ``v5e:4x4``; needs libtpu (``pip install looped_jax[tpu]``)."""
+    parse_topology(topology)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # a second concurrent compile otherwise fails on the
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # libtpu lockfile; no metadata server off a TPU VM
     from jax.experimental import topologies
 
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
-    except Exception as e:  # missing libtpu or an unknown topology name
+    except Exception as e:  # missing libtpu
         raise RuntimeError(
             f"could not describe TPU topology {topology!r} (is libtpu installed? pip install 'looped_jax[tpu]'): {e}"
         ) from e
     return list(desc.devices)
 
 
-def compile_train_step(cfg: ExperimentConfig, devices: list) -> dict:
-    """Lowers and compiles the train step for ``devices``; returns memory and timing stats."""
+def check_batch(cfg: ExperimentConfig, num_devices: int) -> tuple[int, int, int]:
+    """The resolved mesh; a ValueError proposing batch sizes and layouts when the global batch cannot be split."""
+    try:
+        sizes = shd.mesh_shape(cfg.mesh, num_devices)
+    except ValueError as e:
+        raise ValueError(f"{e}; e.g. --config.mesh.data=-1 --config.mesh.fsdp=1 --config.mesh.tensor=1") from e
+    data, fsdp, tensor = sizes
+    batch = cfg.train.global_batch_size
+    dp = data * fsdp
+    if batch % dp:
+        lower, upper = (batch // dp) * dp, -(-batch // dp) * dp
+        near = [b for b in (lower, upper) if b > 0]
+        # layouts over the same chips whose data x fsdp divides this batch (tensor takes the rest of the chips)
+        layouts = []
+        for t in (1, 2, 4, 8, 16):
+            rest = num_devices // t
+            if num_devices % t == 0 and batch % rest == 0:
+                f = fsdp if rest % fsdp == 0 else rest
+                layouts.append(f"data={rest // f} fsdp={f} tensor={t}")
+        hint = f"; or keep the batch with a layout whose data x fsdp divides {batch}: {', '.join(layouts)}"
+        raise ValueError(
+            f"train.global_batch_size={batch} is not divisible by data x fsdp = {data} x {fsdp} = {dp} "
+            f"({num_devices} chips, tensor={tensor}); nearest valid batch sizes: {', '.join(map(str, near))}"
+            + (hint if layouts else "; no layout with tensor <= 16 divides it")
+        )
+    return sizes
+
+
+def _oom_numbers(msg: str) -> dict:
+    """Figures from a libtpu out-of-memory message ("... (64.65G) exceeds available HBM (15.75G)")."""
+    nums = re.findall(r"\(([\d.]+)([KMGT])\)", msg)
+    scale = {"K": 2**-20, "M": 2**-10, "G": 1.0, "T": 1024.0}
+    return {"oom_figures_gib": [float(v) * scale[u] for v, u in nums]}
+
+
+def _compile(lowered, raise_limit_mib: int | None):
+    opts = {"xla_tpu_max_hbm_size_mib": raise_limit_mib} if raise_limit_mib else None
+    return lowered.compile(compiler_options=opts) if opts else lowered.compile()
+
+
+def compile_train_step(cfg: ExperimentConfig, devices: list, *, hbm_gib: float | None = None) -> dict:
+    """Lowers and compiles the train step for ``devices`` (traced for their platform); returns memory, FLOP,
+    collective and timing stats. A program too big for HBM is compiled again with the limit raised (its numbers
+    are reported with ``fits=False``) instead of raising."""
+    from looped_jax.nn.platform import use_platform
     from looped_jax.train.trainer import BATCH_KEYS, Trainer
 
+    platform = devices[0].platform
+    kind = getattr(devices[0], "device_kind", "")
+    gen = next((g for g in CHIPS if g in kind.lower().replace(" ", "").replace("lite", "e")), None)
+    chip = CHIPS.get(gen) if gen else None
+    hbm = hbm_gib if hbm_gib is not None else (chip.hbm_gib if chip else None)
+    check_batch(cfg, len(devices))
     mesh = shd.make_mesh(cfg.mesh, devices)
-    trainer = Trainer(cfg, mesh=mesh, log=False)
-    state = trainer.abstract_state()
-    shape = (cfg.train.global_batch_size, cfg.data.seq_len)
-    batch = {
-        k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32, sharding=trainer.batch_sharding)
-        for k in BATCH_KEYS
-    }
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-        lowered = trainer.train_step.lower(state, batch)
+    with use_platform(platform):
+        trainer = Trainer(cfg, mesh=mesh, log=False)
+        state = trainer.abstract_state()
+        shape = (cfg.train.global_batch_size, cfg.data.seq_len)
+        batch = {
+            k: jax.ShapeDtypeStruct(
+                shape, jnp.float32 if k == "weights" else jnp.int32, sharding=trainer.batch_sharding
+            )
+            for k in BATCH_KEYS
+        }
+        with jax.set_mesh(mesh):
+            lowered = trainer.train_step.lower(state, batch)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    oom = None
+    try:
+        compiled = _compile(lowered, None)
+    except Exception as e:  # RESOURCE_EXHAUSTED from the TPU compiler's memory check
+        if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
+            raise
+        oom = str(e).splitlines()[0][:400]
+        compiled = _compile(lowered, 1 << 30)  # 1 PiB: measure the program that did not fit
     t2 = time.perf_counter()
     mem = compiled.memory_analysis()
-    gib = 1024**3
-    per_chip = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-    return {
+    peak = getattr(mem, "peak_memory_in_bytes", 0) or (
+        mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    )
+    hlo = hlo_stats(compiled.as_text())
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    model_flops = analytic_flops(cfg, num_params, tokens)
+    stats = {
         "devices": len(devices),
-        "platform": devices[0].platform,
-        "device_kind": getattr(devices[0], "device_kind", ""),
+        "platform": platform,
+        "device_kind": kind,
         "mesh": dict(mesh.shape),
+        "per_chip_batch": cfg.train.global_batch_size // shd.data_parallel_size(mesh),
+        "params": num_params,
         "lower_s": round(t1 - t0, 3),
         "compile_s": round(t2 - t1, 3),
-        "argument_gib_per_chip": mem.argument_size_in_bytes / gib,
-        "output_gib_per_chip": mem.output_size_in_bytes / gib,
-        "temp_gib_per_chip": mem.temp_size_in_bytes / gib,
-        "peak_estimate_gib_per_chip": per_chip / gib,
+        "peak_gib_per_chip": peak / GIB,
+        "argument_gib_per_chip": mem.argument_size_in_bytes / GIB,
+        "output_gib_per_chip": mem.output_size_in_bytes / GIB,
+        "alias_gib_per_chip": mem.alias_size_in_bytes / GIB,
+        "temp_gib_per_chip": mem.temp_size_in_bytes / GIB,
+        "hbm_gib_per_chip": hbm,
+        "fits": (peak / GIB <= hbm and oom is None) if hbm is not None else None,
+        "shortfall_gib_per_chip": max(0.0, peak / GIB - hbm) if hbm is not None else None,
+        "oom_message": oom,
+        **({} if oom is None else _oom_numbers(oom)),
+        "collectives": hlo["collectives"],
+        "collectives_total": sum(hlo["collectives"].values()),
+        "mosaic_custom_calls": hlo["mosaic_custom_calls"],
+        "hlo_flops_per_chip": hlo["flops"],
+        "hlo_flops_per_step": hlo["flops"] * len(devices),
+        "loops_without_trip_count": hlo["loops_without_trip_count"],
+        "cost_analysis_flops_per_chip": float(cost.get("flops", 0.0)) if cost else None,
+        **model_flops,
     }
+    if chip is not None:
+        step_s = hlo["flops"] / chip.peak_bf16_flops  # compute-bound: per-chip HLO FLOPs at peak
+        stats["peak_bf16_flops_per_chip"] = chip.peak_bf16_flops
+        stats["projected_step_s"] = step_s
+        stats["projected_mfu"] = (
+            model_flops["model_flops_per_step"] / (len(devices) * chip.peak_bf16_flops * step_s) if step_s else None
+        )
+    return stats
+
+
+def analytic_flops(cfg: ExperimentConfig, num_params: int, tokens: int) -> dict:
+    """Model FLOPs per train step: 6 x (parameters a token passes through) x tokens, plus causal attention
+    (Kaplan et al. 2020 / PaLM appendix B: 6N + 6 * layers * T * d_attn per token, halved for causal). Recurrent
+    depth (Geiping et al. 2025): the core runs ``mean_loops`` times forward, ``grad_steps`` of them backward, so
+    its weights count 2 * loops + 4 * grad_steps per token. Other families: 6N per token over every parameter
+    (each is used once per token), which undercounts looped cores; the method is named in the result."""
+    m = cfg.model
+    T = cfg.data.seq_len
+    if hasattr(m, "num_core_layers") and hasattr(m, "mean_loops"):
+        d, f, hk = m.d_model, m.mlp_dim, m.num_heads * m.head_dim
+        kv = m.num_kv_heads * m.head_dim
+        layer = d * (hk + 2 * kv) + hk * d + 3 * d * f  # attention projections + SwiGLU
+        attn = T * hk  # per token and layer, x2 below: QK^T + PV = 4 T hk FLOPs, halved by the causal mask
+        once = (m.num_prelude_layers + m.num_coda_layers) * (layer + attn)
+        core = m.num_core_layers * (layer + attn)
+        adapter = 2 * d * d
+        head = d * m.vocab_size
+        loops, back = m.mean_loops, m.grad_steps
+        fwd = 2 * (once + head + loops * (core + adapter))
+        bwd = 4 * (once + head + back * (core + adapter))
+        return {"model_flops_per_step": float((fwd + bwd) * tokens), "model_flops_method": "recurrent-depth analytic"}
+    return {"model_flops_per_step": float(6 * num_params * tokens), "model_flops_method": "6 N per token"}

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -28,6 +29,20 @@ def check_field(ok: bool, field: str, expected: str, got: Any) -> None:
 def check_model_field(ok: bool, field: str, expected: str, got: Any) -> None:
     """`check_field` for a field of the model config (named ``model.<field>`` in the error)."""
     check_field(ok, f"model.{field}", expected, got)
+
+
+def check_finite(cfg: Any, section: str) -> None:
+    """Raises naming ``section.field`` for every float field of ``cfg`` that is NaN or infinite."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"config field {section}.{f.name} must be a finite number, got {v!r}")
+
+
+# The optimizers `looped_jax.train.optimizer.make_optimizer` builds.
+OPTIMIZER_NAMES = ("adamw", "adam_atan2")
+# What the trainer does when a step's loss, gradient norm or new parameters are not finite.
+NONFINITE_POLICIES = ("stop", "skip", "rollback")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +64,10 @@ class OptimConfig:
     puzzle_emb_weight_decay: float = -1.0  # adam_atan2: its decoupled weight decay (< 0 = weight_decay)
 
     def __post_init__(self):
+        check_finite(self, "optim")
         check_field(self.learning_rate > 0, "optim.learning_rate", "> 0", self.learning_rate)
+        check_field(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
+        check_field(self.eps > 0, "optim.eps", "> 0", self.eps)
         check_field(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0", self.warmup_steps)
         check_field(self.decay_steps >= 0, "optim.decay_steps", ">= 0", self.decay_steps)
         check_field(
@@ -61,7 +79,7 @@ class OptimConfig:
         check_field(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1/b2", "in [0, 1)", (self.b1, self.b2))
         check_field(self.grad_clip >= 0, "optim.grad_clip", ">= 0", self.grad_clip)
         check_field(0 <= self.ema_decay < 1, "optim.ema_decay", "in [0, 1)", self.ema_decay)
-        check_field(self.name in ("adamw", "adam_atan2"), "optim.name", "'adamw' or 'adam_atan2'", self.name)
+        check_field(self.name in OPTIMIZER_NAMES, "optim.name", f"one of {list(OPTIMIZER_NAMES)}", self.name)
         check_field(
             self.puzzle_emb_learning_rate >= 0, "optim.puzzle_emb_learning_rate", ">= 0", self.puzzle_emb_learning_rate
         )
@@ -79,8 +97,45 @@ class TrainConfig:
     # Wall-clock budget of one Trainer.fit call in minutes (0 = none): training stops after the first
     # step that ends past it, with that step logged, checkpointed (if enabled) and returned.
     max_minutes: float = 0.0
+    # Non-finite guard (checked inside the jitted step): "stop" ends the run with an error naming the
+    # step and metric, keeping the last good checkpoint; "skip" drops the update and stops after
+    # `max_consecutive_skips` bad steps in a row; "rollback" restores the last good checkpoint and
+    # continues with the learning rate times `rollback_lr_factor` (at most `max_rollbacks` times).
+    nonfinite_policy: str = "stop"
+    max_consecutive_skips: int = 5
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
+    # A fresh run (checkpoint.resume=false) into a directory with checkpoints is an error unless
+    # overwrite=true, which deletes them first.
+    overwrite: bool = False
+    # Resuming with a different global_batch_size is an error unless this is set; the data
+    # position is then mapped to the same number of rows consumed.
+    allow_batch_change: bool = False
+    # jax.profiler trace of steps [profile_start, profile_stop) into output_dir/profile (-1 = off).
+    profile_start: int = -1
+    profile_stop: int = -1
 
     def __post_init__(self):
+        check_finite(self, "train")
+        check_field(bool(str(self.output_dir).strip()), "train.output_dir", "a non-empty path", self.output_dir)
+        check_field(0 <= self.seed < 2**32, "train.seed", "in [0, 2**32)", self.seed)
+        check_field(self.eval_batches >= 1, "train.eval_batches", ">= 1", self.eval_batches)
+        check_field(
+            self.nonfinite_policy in NONFINITE_POLICIES,
+            "train.nonfinite_policy",
+            f"one of {list(NONFINITE_POLICIES)}",
+            self.nonfinite_policy,
+        )
+        check_field(self.max_consecutive_skips >= 1, "train.max_consecutive_skips", ">= 1", self.max_consecutive_skips)
+        check_field(0 < self.rollback_lr_factor < 1, "train.rollback_lr_factor", "in (0, 1)", self.rollback_lr_factor)
+        check_field(self.max_rollbacks >= 1, "train.max_rollbacks", ">= 1", self.max_rollbacks)
+        if self.profile_start >= 0 or self.profile_stop >= 0:
+            check_field(
+                0 <= self.profile_start < self.profile_stop,
+                "train.profile_start/profile_stop",
+                "0 <= profile_start < profile_stop (or both -1)",
+                (self.profile_start, self.profile_stop),
+            )
         check_field(self.num_steps >= 1, "train.num_steps", ">= 1", self.num_steps)
         check_field(self.max_minutes >= 0, "train.max_minutes", ">= 0 (0 = no budget)", self.max_minutes)
         check_field(self.global_batch_size >= 1, "train.global_batch_size", ">= 1", self.global_batch_size)
@@ -177,9 +232,11 @@ def _replace_fields(obj: Any, tree: dict, prefix: str) -> Any:
         if isinstance(value, dict):
             changes[key] = _replace_fields(current, value, full + ".")
             continue
-        if key == "name" and current != value:
+        if key == "name" and full == "model.name" and current != value:
+            # The model config's class is the family; a name alone cannot turn one into another.
             raise ValueError(
-                f"config field {full!r} selects the family and cannot be overridden; use another config file"
+                f"config field 'model.name' selects the model family ({type(obj).__name__}, name {current!r}) "
+                f"and cannot be overridden to {value!r}; use a config file of that family"
             )
         changes[key] = parse_value(value, hints[key], full)
     return dataclasses.replace(obj, **changes)
@@ -204,9 +261,13 @@ def parse_value(value: Any, hint: Any, field: str) -> Any:
     parsers = {int: int, float: float, bool: _parse_bool}
     if hint in parsers:
         try:
-            return parsers[hint](value)
+            parsed = parsers[hint](value)
         except ValueError:
             pass
+        else:
+            if hint is float and not math.isfinite(parsed):
+                raise ValueError(f"config field {field!r} must be a finite number, got {value!r}")
+            return parsed
     raise ValueError(f"config field {field!r} expects {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
@@ -241,6 +302,8 @@ def parse_override_groups(argv: Sequence[str], prefixes: Sequence[str]) -> dict[
             if i >= len(argv) or argv[i].startswith("--"):
                 raise ValueError(f"override --{prefix}.{key} has no value; write --{prefix}.{key}=value")
             value = argv[i]
+        if value.startswith("--"):
+            raise ValueError(f"override --{prefix}.{key} has the flag {value!r} as its value; give it a value")
         if not key or any(not part for part in key.split(".")):
             raise ValueError(f"override {arg!r} must name a field, as in --{prefix}.model.num_loops=8")
         if key in groups[prefix]:
@@ -263,15 +326,20 @@ def parse_cli_overrides(argv: Sequence[str]) -> tuple[str | None, dict[str, str]
     path, rest, i = None, [], 0
     while i < len(argv):
         arg = argv[i]
-        if arg == "--config":
-            if i + 1 >= len(argv):
-                raise ValueError("--config needs a config file path")
-            path, i = argv[i + 1], i + 2
+        if arg == "--config" or arg.startswith("--config="):
+            if arg == "--config":
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                    raise ValueError("--config needs a config file path, as in --config configs/<name>.py")
+                value, i = argv[i + 1], i + 2
+            else:
+                value, i = arg.split("=", 1)[1], i + 1
+            if not value:
+                raise ValueError("--config needs a config file path, as in --config configs/<name>.py")
+            if path is not None:
+                raise ValueError(f"--config is given twice ({path!r} and {value!r}); give one config file")
+            path = value
             continue
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
+        rest.append(arg)
         i += 1
     return path, parse_overrides(rest)
 

@@ -10,6 +10,14 @@ On CPU the default lengths are short so the run ends in about a minute. The tabl
 and forward+backward ms per implementation) goes to ``runs/<name>/results.md``, the JSON lines to ``results.json``:
 
     python scripts/bench_memory_update.py --grad          # the README's CPU numbers (1k and 4k tokens)
+
+With ``--aot_topology`` nothing runs: the kernel (impl="pallas") and chunked XLA (impl="xla"), forward and
+forward+backward, are compiled ahead of time for one chip of a TPU topology (needs libtpu; works on a CPU-only
+host, ``ALLOW_MULTIPLE_LIBTPU_LOAD=1 TPU_SKIP_MDS_QUERY=1``) and the compiled temp memory per chip is tabled in
+``runs/<name>/results.md`` (default name ``bench_memory_update_aot``):
+
+    python scripts/bench_memory_update.py --aot_topology v5e:2x2 --lengths 32768 --heads 16 --memory mlp \
+        --dtype bfloat16 --max_surprise_norm 1.0
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from looped_jax.results import Table, write_results  # noqa: E402
+from looped_jax.results import MIB, Table, temp_bytes, write_results  # noqa: E402
 from pallas_kernels.memory_update import MemoryState, memory_update, memory_update_reference  # noqa: E402
 
 
@@ -73,8 +81,16 @@ def main(argv=None) -> None:
     p.add_argument("--max_scan_length", type=int, default=16384 if on_accel else 4096)
     p.add_argument("--repeats", type=int, default=5 if on_accel else 2)
     p.add_argument("--grad", action="store_true", help="also time forward+backward")
-    p.add_argument("--name", default="bench_memory_update", help="results go to runs/<name>/")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="q/k/v dtype (AOT mode)")
+    p.add_argument("--max_surprise_norm", type=float, default=None, help="per-chunk surprise clip (AOT mode)")
+    p.add_argument("--modes", default="fwd,fwd_bwd", help="AOT mode: fwd and/or fwd_bwd")
+    p.add_argument("--aot_topology", default="", help="e.g. v5e:2x2: AOT-compile for one chip of it, run nothing")
+    p.add_argument("--name", default="", help="results go to runs/<name>/ (default bench_memory_update[_aot])")
     args = p.parse_args(argv)
+    args.name = args.name or ("bench_memory_update_aot" if args.aot_topology else "bench_memory_update")
+    if args.aot_topology:
+        main_aot(args)
+        return
 
     impls = args.impls.split(",")
     if "kernel" in impls and not on_accel:
@@ -146,6 +162,74 @@ def results_table(records: list[dict], impls: list[str], args, device: str) -> T
         f"{args.memory} memory; median of {args.repeats} runs after a warmup."
     )
     return Table(header, rows, title="Titans memory update timings", caption=caption)
+
+
+def aot_structs(args, T: int, device) -> tuple:
+    """Abstract inputs (q/k/v in ``args.dtype``, gates and state float32) placed on one topology device."""
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    sds = lambda s, dt=jnp.float32: jax.ShapeDtypeStruct(s, dt, sharding=sharding)  # noqa: E731
+    B, H, K, V, dt = args.batch, args.heads, args.d_k, args.d_v, jnp.dtype(args.dtype)
+    dims = [K, V] if args.memory == "linear" else [K, args.hidden, V]
+    ws = tuple(sds((B, H, a, b)) for a, b in zip(dims[:-1], dims[1:], strict=True))
+    gate = sds((B, H, T))
+    return (sds((B, H, T, K), dt), sds((B, H, T, K), dt), sds((B, H, T, V), dt), gate, gate, gate, MemoryState(ws, ws))
+
+
+def aot_one(args, impl: str, mode: str, T: int, device) -> dict:
+    """Compiles one case for a TPU topology device; its temp memory, or the memory the compiler asked for."""
+    fn = functools.partial(
+        memory_update, chunk_size=args.chunk_size, memory=args.memory, impl=impl, platform="tpu",
+        max_surprise_norm=args.max_surprise_norm, **({"interpret": False} if impl == "pallas" else {}),
+    )  # fmt: skip
+    if mode == "fwd_bwd":
+        loss = lambda *a, fwd=fn: jnp.sum(fwd(*a)[0].astype(jnp.float32))  # noqa: E731
+        fn = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5, 6))
+    record = {"impl": impl, "mode": mode, "T": T, "dtype": args.dtype, "device_kind": device.device_kind}
+    t0 = time.perf_counter()
+    try:
+        compiled = jax.jit(fn).lower(*aot_structs(args, T, device)).compile()
+    except Exception as e:  # the compiler refuses a program that does not fit the chip
+        msg = str(e).splitlines()[0][:300]
+        if "memory" not in msg.lower() and "hbm" not in msg.lower():
+            raise
+        record["error"] = msg
+        return record
+    record["compile_s"] = round(time.perf_counter() - t0, 2)
+    record["temp_bytes"] = temp_bytes(compiled)
+    return record
+
+
+def main_aot(args) -> None:
+    """Compiles kernel and chunked XLA, forward and fwd+bwd, per length for one chip; tables the temp memory."""
+    from looped_jax.aot import topology_devices
+
+    device = topology_devices(args.aot_topology)[0]
+    names = {"pallas": "kernel", "xla": "chunked XLA", "fwd": "forward", "fwd_bwd": "fwd+bwd"}
+    cols = [(i, m) for i in ("pallas", "xla") for m in args.modes.split(",")]
+    records = []
+    for T in (int(t) for t in args.lengths.split(",")):
+        for impl, mode in cols:
+            r = aot_one(args, impl, mode, T, device)
+            print(json.dumps(r), flush=True)
+            records.append(r)
+    by_key = {(r["impl"], r["mode"], r["T"]): r for r in records}
+    rows = []
+    for T in sorted({r["T"] for r in records}):
+        cells = [f"{T:,}"]
+        for key in cols:
+            r = by_key[(*key, T)]
+            mib = None if "error" in r or r["temp_bytes"] is None else r["temp_bytes"] / MIB
+            cells.append("does not fit" if "error" in r else "n/a" if mib is None else f"{mib:,.0f} MiB")
+        rows.append(cells)
+    caption = (
+        f"{args.aot_topology} AOT (one chip), q/k/v {args.dtype}, B={args.batch}, H={args.heads}, d_k={args.d_k}, "
+        f"d_v={args.d_v}, {args.memory} memory (hidden {args.hidden}), chunk {args.chunk_size}, max_surprise_norm "
+        f"{args.max_surprise_norm}: compiled temp memory per chip."
+    )
+    table = Table(["tokens"] + [f"{names[i]} {names[m]}" for i, m in cols], rows,
+                  title="Titans memory update compiled memory", caption=caption)  # fmt: skip
+    out = write_results(args.name, [table], records)
+    print("\n" + table.markdown() + f"\n\nwrote {out / 'results.md'}", flush=True)
 
 
 if __name__ == "__main__":

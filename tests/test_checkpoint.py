@@ -1,10 +1,20 @@
+import errno
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from looped_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
+from looped_jax.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    CheckpointSaveError,
+    ConfigMismatchError,
+    abstract_like,
+    map_data_state,
+)
 
 CONFIG = {"model": {"name": "toy", "width": 4}, "data": {"name": "chains"}, "train": {"num_steps": 10}}
 
@@ -66,27 +76,116 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
     ck.close()
 
 
-def test_failed_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    ck = Checkpointer(tmp_path, async_save=False)
+@pytest.mark.parametrize("async_save", [False, True])
+def test_failed_save_raises_at_once_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, async_save):
+    ck = Checkpointer(tmp_path, async_save=async_save)
     ck.save(1, _state(1), config=CONFIG)
     ck.wait()
 
-    class Boom(RuntimeError):
-        pass
+    async def explode(*args, **kwargs):  # async, so the other items' coroutines are awaited too
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    def explode(*args, **kwargs):
-        raise Boom("disk full")
-
-    # Fail while writing the array data of step 2.
+    # Fail while writing the array data of step 2: the save itself raises one clear line.
     monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", explode)
-    monkeypatch.setattr(ocp.StandardCheckpointHandler, "save", explode, raising=False)
-    with pytest.raises(Boom):
+    with pytest.raises(CheckpointSaveError, match=rf"save of step 2 into {tmp_path} failed: no space left on device"):
         ck.save(2, _state(2), config=CONFIG)
-        ck.wait()
     monkeypatch.undo()
+    ck.close()
     ck2 = Checkpointer(tmp_path, async_save=False)
     assert ck2.latest_step() == 1
     state, _, step = ck2.restore(abstract_like(_state(0)), config=CONFIG)
     assert step == 1
     jax.tree.map(np.testing.assert_array_equal, state, _state(1))
     ck2.close()
+
+
+def _truncate_arrays(step_dir):
+    """Empties every array data file of a step (a crash / disk-full mid-write)."""
+    n = 0
+    for f in step_dir.rglob("*"):
+        if f.is_file() and "state" in f.parts and "ocdbt" in str(f) or (f.is_file() and f.parent.name == "d"):
+            f.write_bytes(b"")
+            n += 1
+    assert n, f"no array files found under {step_dir}"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty_dir", "delete_meta"])
+def test_resume_falls_back_past_a_damaged_newest_step(tmp_path, damage):
+    ck = Checkpointer(tmp_path, keep=3, async_save=False)
+    for step in (1, 2):
+        ck.save(step, _state(step), config=CONFIG, data_state={"next_index": step})
+    ck.close()
+    newest = tmp_path / "2"
+    if damage == "truncate":
+        _truncate_arrays(newest)
+    elif damage == "empty_dir":
+        shutil.rmtree(newest)
+        newest.mkdir()
+    else:
+        shutil.rmtree(newest / "meta")
+    logs = []
+    ck2 = Checkpointer(tmp_path, log=logs.append)
+    state, data_state, step = ck2.restore(abstract_like(_state(0)), config=CONFIG)
+    assert step == 1 and data_state == {"next_index": 1}
+    jax.tree.map(np.testing.assert_array_equal, state, _state(1))
+    assert any(line.startswith("[checkpoint] skipping step 2:") for line in logs), logs
+    # The damaged step is moved aside, so the run can save step 2 again.
+    assert ck2.all_steps() == [1] and (tmp_path / "corrupt_step_2").is_dir()
+    ck2.save(2, _state(2), config=CONFIG)
+    ck2.close()
+
+
+def test_nonfinite_state_is_never_saved_and_never_restored(tmp_path):
+    ck = Checkpointer(tmp_path, async_save=False)
+    bad = _state(1)
+    bad["params"]["w"] = bad["params"]["w"].at[0, 0].set(jnp.nan)
+    with pytest.raises(CheckpointSaveError, match="refusing to save step 1.*not finite"):
+        ck.save(1, bad, config=CONFIG)
+    assert ck.all_steps() == []
+    ck.close()
+
+
+def test_partial_step_directories_are_removed_at_start(tmp_path):
+    ck = Checkpointer(tmp_path, async_save=False)
+    ck.save(1, _state(1), config=CONFIG)
+    ck.close()
+    (tmp_path / "2.orbax-checkpoint-tmp-1234").mkdir()
+    (tmp_path / "2.orbax-checkpoint-tmp-1234" / "x").write_text("partial")
+    logs = []
+    ck2 = Checkpointer(tmp_path, log=logs.append)
+    assert not (tmp_path / "2.orbax-checkpoint-tmp-1234").exists()
+    assert ck2.removed_partial == ["2.orbax-checkpoint-tmp-1234"] and "removed 1 partial" in logs[0]
+    assert ck2.all_steps() == [1]
+    ck2.close()
+
+
+def test_checkpoint_path_that_is_a_file_fails_at_once(tmp_path):
+    f = tmp_path / "ckpt"
+    f.write_text("not a dir")
+    with pytest.raises(CheckpointSaveError, match=rf"checkpoint directory {f} is not a directory"):
+        Checkpointer(f)
+    with pytest.raises(CheckpointSaveError, match=r"its parent .*ckpt is a file"):
+        Checkpointer(f / "sub")
+
+
+def test_batch_size_is_checked_but_data_dir_is_not(tmp_path):
+    cfg = {**CONFIG, "data": {"name": "chains", "data_dir": "/a"}, "train": {"global_batch_size": 8}}
+    ck = Checkpointer(tmp_path, async_save=False)
+    ck.save(1, _state(1), config=cfg, data_state={"next_index": 3})
+    moved = {**cfg, "data": {"name": "chains", "data_dir": "/b"}}
+    _, _, step = ck.restore(abstract_like(_state(0)), config=moved)  # the cache moved: fine
+    assert step == 1
+    bigger = {**cfg, "train": {"global_batch_size": 12}}
+    with pytest.raises(
+        ConfigMismatchError, match=r"(?s)global_batch_size: checkpoint has 8, config has 12.*allow_batch"
+    ):
+        ck.restore(abstract_like(_state(0)), config=bigger)
+    # 3 batches of 8 = 24 rows = 2 batches of 12.
+    _, data_state, _ = ck.restore(abstract_like(_state(0)), config=bigger, allow_batch_change=True)
+    assert data_state == {"next_index": 2}
+    with pytest.raises(CheckpointError, match="consumed 24 rows, not a multiple"):
+        ck.restore(
+            abstract_like(_state(0)), config={**cfg, "train": {"global_batch_size": 16}}, allow_batch_change=True
+        )
+    ck.close()
+    assert map_data_state({"next_index": 5}, 4, 4) == {"next_index": 5}

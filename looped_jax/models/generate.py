@@ -4,10 +4,23 @@ Recurrent depth (Geiping et al. 2025, Sec. 6): the core's cache is keyed by (loo
 layer) and position -- a [num_slots, num_core_layers, B, S, ...] buffer -- because each loop
 step's attention must see the earlier tokens' keys *at that step*. With per-token early exit
 a token that stops after j steps never computes steps > j; its entries there are filled
-with copies of its deepest entry (step j), so later tokens that loop longer still find a
-key for it ("latest" lookup in the reference code). ``cache_sharing_slots = n > 0`` stores
-loop step i in slot i % n, so the cache holds n steps instead of r (the reference's
-"compress-s" strategy); a token that exits early then keeps, per slot, its deepest entry.
+according to ``cache_lookup`` (the reference's ``HuginnDynamicCache`` lookup strategies):
+"full" (default, as the reference): later tokens attend at step k only to tokens that reached
+step k (the missing entries are empty, masked); "skip" is the same (identical in the
+reference's dynamic cache; its static cache's "full" attends to zero-filled entries instead,
+which is not reproduced); "latest-m4": the missing entries are copies of the token's deepest
+entry for the same core layer. ``cache_sharing_slots = n > 0`` stores loop step i in slot
+i % n, so the cache holds n steps instead of r (the reference's "compress-s"; it counts n in
+layer applications, so its compress-s{4n} on Huginn's 4-layer core is our n; "compress-r" is
+not implemented); a token that exits early then keeps, per slot, its latest entry.
+
+Exits use one named criterion (`looped_jax.models.huginn_exit`). Batched decoding, as the
+reference's ``generate_with_adaptive_compute``: every row keeps stepping (and writing the
+cache) until all rows exited, an exited row's token and warm-start latent are taken at its
+exit step; ``freeze_exited=True`` instead stops exited rows (cache entries per the lookup).
+With one row both are the same. Departures: the prompt always runs the full loop count (the
+reference may exit in prefill unless ``do_not_exit_in_prefill``); the coda cache at a decoded
+position holds the readout of the exit latent (freeze) or of the last step (all rows step).
 ``warm_start`` starts each new token's latent from the previous token's final latent
 ("continuous compute"). The prompt is always run for the full loop count.
 
@@ -27,26 +40,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from looped_jax.models.huginn_exit import ExitRule, adaptive_loop, resolve_exit_rule
 from looped_jax.models.looped import LoopedModel
 from looped_jax.models.recurrent_depth import RecurrentDepthModel
 from looped_jax.nn import KVCache, apply_stack, resolve_dtype
-from looped_jax.recurrence import is_static_int, iterate_to_convergence, unroll
+from looped_jax.recurrence import unroll
 
-
-class ExitRule(NamedTuple):
-    """Per-token exit for recurrent-depth decoding: a token stops once every given criterion
-    holds (relative latent change < tol, KL of successive next-token distributions < kl_tol),
-    after at least ``min_loops`` steps. The reference's defaults are 0.03 and 5e-4. A
-    tolerance of 0 or None disables that criterion; with neither left, decoding runs the
-    full loop count.
-
-    The KL is `looped_jax.recurrence.kl_divergence` (the loop engine's): the same quantity
-    as the textbook sum p (log p - log q), computed so that it stays accurate where the
-    divergence is small (the textbook form in float32 loses everything below ~1e-6)."""
-
-    tol: float | None = 0.03
-    kl_tol: float | None = None
-    min_loops: int = 1
+__all__ = ["CACHE_LOOKUPS", "ExitRule", "GenerateOutput", "generate", "recurrent_depth_forward_cached"]
+CACHE_LOOKUPS = ("full", "skip", "latest-m4")
 
 
 class GenerateOutput(NamedTuple):
@@ -84,31 +85,15 @@ def init_recurrent_depth_cache(
     )
 
 
-def _resolve_exit_rule(rule: ExitRule | None, num_loops: int) -> ExitRule | None:
-    """Validates ``rule``; tolerances of 0 become None, a rule without a criterion becomes None
-    (fixed depth) and ``min_loops`` is capped at ``num_loops`` (a token then simply runs them all)."""
-    if rule is None:
-        return None
-    for name in ("tol", "kl_tol"):
-        value = getattr(rule, name)
-        if value is not None and not value >= 0:
-            raise ValueError(f"ExitRule.{name} must be None or >= 0 (0 disables it), got {value!r}")
-    if not is_static_int(rule.min_loops) or rule.min_loops < 1:
-        raise ValueError(f"ExitRule.min_loops must be an int >= 1, got {rule.min_loops!r}")
-    tol, kl_tol = rule.tol or None, rule.kl_tol or None
-    if tol is None and kl_tol is None:
-        return None
-    return ExitRule(tol, kl_tol, min(int(rule.min_loops), num_loops))
-
-
-def _core_step_fn(model: RecurrentDepthModel, num_slots: int):
+def _core_step_fn(model: RecurrentDepthModel, num_slots: int, latest: bool = True):
     """(step, params): the loop engine's step over the carry (s_BTD, core cache).
 
     ``step(params, (s_BTD, core), (e_BTD, positions_BT, segment_ids_BT, cache_index), index=i,
     active=None)`` runs loop step ``i`` through cache slot ``i % num_slots``. With ``active``
-    (bool [B], the rows still iterating), inactive rows keep, at this position, their deepest
+    (bool [B], the rows still iterating), inactive rows keep, at this position, the slot's old
+    content (empty, or their own earlier entry with sharing), or with ``latest`` their deepest
     entry: a copy of the previous step's slot while the slots are being filled for the first
-    time (i < num_slots), else the slot's old content. Their latent is masked by the engine.
+    time (i < num_slots). Their latent is masked by the caller.
     """
     graphdef, params = nnx.split(model.core)
 
@@ -125,7 +110,7 @@ def _core_step_fn(model: RecurrentDepthModel, num_slots: int):
             at = lambda a: jax.lax.dynamic_slice_in_dim(a, cache_index, length, axis=2)
 
             def patch(new_a, old_a, prev_a):  # [C, B, S, ...]
-                fill = jnp.where(index < num_slots, at(prev_a), at(old_a))
+                fill = jnp.where(index < num_slots, at(prev_a), at(old_a)) if latest else at(old_a)
                 keep = active.reshape((1, -1) + (1,) * (new_a.ndim - 2))
                 return jax.lax.dynamic_update_slice_in_dim(new_a, jnp.where(keep, at(new_a), fill), cache_index, axis=2)
 
@@ -173,15 +158,18 @@ def recurrent_depth_forward_cached(
     index: jax.Array,
     num_loops: int,
     exit_rule: ExitRule | None = None,
+    cache_lookup: str = "full",
+    freeze_exited: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, RecurrentDepthCache]:
     """Runs ``tokens_BT`` (at positions index..index+T-1) through the model, reading and
-    writing ``cache``. Returns (logits_BTV, final latent s_BTD, steps_B, cache).
+    writing ``cache``. Returns (logits_BTV, latent s_BTD (at exit), steps_B, cache).
 
-    Without ``exit_rule`` (or one without a criterion) every token runs ``num_loops`` steps
-    (`unroll`). With it (decode, T == 1) each row stops on its own (`iterate_to_convergence`,
-    one element per row; the KL starts from the uniform distribution, as the reference does)
-    and its missing cache entries are filled as described above.
+    Without ``exit_rule`` every token runs ``num_loops`` steps (`unroll`). With it (decode,
+    T == 1) rows exit by the rule (`huginn_exit.adaptive_loop`, one element per row) and their
+    missing cache entries follow ``cache_lookup`` (module docstring).
     """
+    if cache_lookup not in CACHE_LOOKUPS:
+        raise ValueError(f"cache_lookup must be one of {CACHE_LOOKUPS}, got {cache_lookup!r}")
     batch, length = tokens_BT.shape
     num_slots = cache.core.k_BSKH.shape[0]
     positions_BT = index + jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
@@ -194,39 +182,37 @@ def recurrent_depth_forward_cached(
         caches=list(cache.prelude),
         cache_index=index,
     )
-    step, core_params = _core_step_fn(model, num_slots)
+    latest = cache_lookup == "latest-m4"
+    step, core_params = _core_step_fn(model, num_slots, latest)
     readout, readout_params = _readout_fn(model, positions_BT, segment_ids_BT, cache.coda, index)
     inputs = (e_BTD, positions_BT, segment_ids_BT, index)
-    rule = _resolve_exit_rule(exit_rule, num_loops)
+    rule = resolve_exit_rule(exit_rule)
 
     if rule is None:
         (s_BTD, core), _ = unroll(step, core_params, (s0_BTD, cache.core), inputs, num_steps=num_loops, with_index=True)
         steps_B = jnp.full((batch,), num_loops, jnp.int32)
+        s_out_BTD = s_BTD
     else:
         if length != 1:
             raise ValueError(f"per-token exit decodes one token at a time, got {length} tokens")
-        with_kl = rule.kl_tol is not None
-        result = iterate_to_convergence(
-            lambda p, carry, x, **kw: step(p[0], carry, x, **kw),
-            (core_params, readout_params),
+        result = adaptive_loop(
+            lambda s, aux, k, active: step(core_params, (s, aux), inputs, index=k, active=active),
+            lambda s: readout(readout_params, s)[0],
             s0_BTD,
-            inputs,
+            rule._replace(per_sequence=True),
             max_steps=num_loops,
-            tol=rule.tol,
-            readout=(lambda p, s_BTD: readout(p[1], s_BTD)[0]) if with_kl else None,
-            kl_tol=rule.kl_tol,
-            initial_logits=jnp.zeros((batch, length, model.cfg.vocab_size), jnp.float32) if with_kl else None,
-            granularity="example",
-            min_steps=rule.min_loops,
+            vocab_size=model.cfg.vocab_size,
+            freeze=freeze_exited,
             aux=cache.core,
-            with_index=True,
-            with_active=True,
         )
-        s_BTD, steps_B = result.state, result.steps
-        core = _fill_unreached_slots(result.aux, result.num_iterations, index)
+        s_out_BTD, steps_B = result.out_s, result.steps
+        s_BTD = result.out_s if freeze_exited else result.final_s
+        core = _fill_unreached_slots(result.aux, result.num_iterations, index) if latest else result.aux
 
     logits_BTV, coda = readout(readout_params, s_BTD)
-    return logits_BTV, s_BTD, steps_B, RecurrentDepthCache(tuple(prelude), core, coda)
+    if s_out_BTD is not s_BTD:
+        logits_BTV = readout(readout_params, s_out_BTD)[0]
+    return logits_BTV, s_out_BTD, steps_B, RecurrentDepthCache(tuple(prelude), core, coda)
 
 
 def looped_forward_cached(model: LoopedModel, tokens_BT: jax.Array, cache: KVCache, *, index: jax.Array):
@@ -268,6 +254,8 @@ def _select(logits_BV, key, temperature: float):
         "num_loops",
         "exit_rule",
         "cache_sharing_slots",
+        "cache_lookup",
+        "freeze_exited",
         "warm_start",
         "temperature",
         "has_rng",
@@ -283,6 +271,8 @@ def _generate(
     num_loops,
     exit_rule,
     cache_sharing_slots,
+    cache_lookup,
+    freeze_exited,
     warm_start,
     temperature,
     has_rng,
@@ -301,7 +291,15 @@ def _generate(
 
         def forward(tokens_BT, cache, s0_BTD, index, rule):
             return recurrent_depth_forward_cached(
-                model, tokens_BT, cache, s0_BTD, index=index, num_loops=num_loops, exit_rule=rule
+                model,
+                tokens_BT,
+                cache,
+                s0_BTD,
+                index=index,
+                num_loops=num_loops,
+                exit_rule=rule,
+                cache_lookup=cache_lookup,
+                freeze_exited=freeze_exited,
             )
     else:
         cfg = model.cfg
@@ -342,6 +340,8 @@ def generate(
     num_loops: int | None = None,
     exit_rule: ExitRule | None = None,
     cache_sharing_slots: int = 0,
+    cache_lookup: str = "full",
+    freeze_exited: bool = False,
     warm_start: bool = False,
     temperature: float = 0.0,
     rng: jax.Array | None = None,
@@ -350,7 +350,9 @@ def generate(
 
     ``num_loops``: core iterations per token (recurrent depth; default eval_loops; with an
     ``exit_rule`` the cap). ``temperature == 0`` is greedy; sampling needs ``rng``, which
-    also draws each token's s_0 (without it s_0 = 0, matching ``model(..., rng=None)``).
+    also draws each token's s_0 (without it s_0 = 0, matching ``model(..., rng=None)``; the
+    reference samples s_0 unless init_scale = 0). ``exit_rule``: one named criterion
+    (`huginn_exit.ExitRule`); ``cache_lookup`` / ``freeze_exited``: see the module docstring.
     """
     if prompt_BT.ndim != 2 or prompt_BT.shape[1] < 1:
         raise ValueError(f"prompt must be [batch, length >= 1] token ids, got shape {prompt_BT.shape}")
@@ -364,7 +366,9 @@ def generate(
         num_loops = model.cfg.default_eval_loops if num_loops is None else int(num_loops)
         if num_loops < 1:
             raise ValueError(f"num_loops must be >= 1, got {num_loops}")
-        exit_rule = _resolve_exit_rule(exit_rule, num_loops)
+        exit_rule = resolve_exit_rule(exit_rule)
+        if cache_lookup not in CACHE_LOOKUPS:
+            raise ValueError(f"cache_lookup must be one of {CACHE_LOOKUPS}, got {cache_lookup!r}")
     elif isinstance(model, LoopedModel):
         if num_loops not in (None, model.cfg.num_loops):
             raise ValueError(f"the looped model generates with its num_loops={model.cfg.num_loops}, got {num_loops}")
@@ -383,6 +387,8 @@ def generate(
         num_loops=num_loops,
         exit_rule=exit_rule,
         cache_sharing_slots=cache_sharing_slots,
+        cache_lookup=cache_lookup,
+        freeze_exited=bool(freeze_exited),
         warm_start=warm_start,
         temperature=float(temperature),
         has_rng=rng is not None,

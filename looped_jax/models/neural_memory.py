@@ -19,13 +19,16 @@ same outputs as one call over the whole sequence (for chunks that are whole mult
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from looped_jax import sharding as shd
 from looped_jax.nn import param, truncated_normal
+from looped_jax.nn.platform import target_platform
 from pallas_kernels.memory_update import MemoryState, memory_retrieve, memory_update
 
 MEMORY_KINDS = ("linear", "mlp")
@@ -155,19 +158,20 @@ class NeuralMemory(nnx.Module):
         """Writes the tokens into the memory and reads ``M_t(q_t)`` after each write (eq. 15); ``[B, T, D]``."""
         q, k, v, conv = self.features(x_BTD, carry.conv_BL3HK)
         alpha, eta, theta = self.gates(x_BTD, valid_BT)
-        y_BHTK, state = memory_update(
-            q,
-            k,
-            v,
-            alpha,
-            eta,
-            theta,
-            carry.state,
+        kernel = partial(
+            memory_update,
             chunk_size=self.chunk_size,
             memory=self.memory,
             impl=self.impl,
             max_surprise_norm=self.max_surprise_norm,
+            platform=target_platform(),  # the traced-for platform: Mosaic kernels in an AOT compile for TPU
         )
+        # under shard_map over batch and heads: the Pallas kernel cannot be partitioned automatically
+        bhtk, bht = ("batch", "heads", None, None), ("batch", "heads", None)
+        y_BHTK, state = shd.shard_kernel(
+            kernel, (q, k, v, alpha, eta, theta, carry.state), (bhtk, bhtk, bhtk, bht, bht, bht, bhtk),
+            (bhtk, bhtk), batch=q.shape[0], heads=(q.shape[1],),
+        )  # fmt: skip
         return self.output(y_BHTK), MemoryCarry(state, conv)
 
     def retrieve(self, x_BTD: jax.Array, state: MemoryState) -> jax.Array:

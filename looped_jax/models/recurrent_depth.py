@@ -6,10 +6,10 @@ Latent Reasoning: A Recurrent Depth Approach").
     s_i = R(A([s_{i-1}; e]))   for i = 1..r      adapter A: 2d -> d, core R shared
     p   = H(n(C(n(s_r))))                        coda C, head H tied to E
 
-Training samples the depth per step, tau ~ N(log r_bar - sigma^2/2, sigma), r = Poisson(e^tau)
-+ 1 (Eq. 2, so E[r] = r_bar + 1), and backpropagates through only the last k iterations
-(truncated backprop, Sec. 3.3). The loop runs through `looped_jax.recurrence.unroll` with a
-traced depth, so one compile serves every sampled r.
+Training samples the depth per step, tau ~ N(log max(r_bar, k) - sigma^2/2, sigma), r =
+Poisson(e^tau) + 1 (Eq. 2 with the reference's max; E[r] = max(r_bar, k) + 1), and
+backpropagates through only the last k iterations (truncated backprop, Sec. 3.3). The loop
+runs through `looped_jax.recurrence.unroll` with a traced depth, so one compile serves every sampled r.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from flax import nnx
 
 from looped_jax.config import check_model_field as _check
 from looped_jax.losses import cross_entropy
+from looped_jax.models.huginn_exit import ExitRule, adaptive_loop, resolve_exit_rule
 from looped_jax.models.protocol import LossOutput, TokenModel
 from looped_jax.nn import (
     Block,
@@ -38,9 +39,10 @@ from looped_jax.nn import (
     truncated_normal,
 )
 from looped_jax.nn.linear import dense
-from looped_jax.recurrence import REMAT_POLICIES, iterate_to_convergence, unroll
+from looped_jax.recurrence import REMAT_POLICIES, unroll
 
 STATE_INIT_STD = math.sqrt(2.0 / 5.0)
+_DEFAULT_RULE = ExitRule()  # latent-diff, threshold 0.03 (the reference's default criterion values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,11 @@ class RecurrentDepthConfig:
     norm_eps: float = 1e-6
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat_policy: str = ""  # "" = none, else a name in recurrence.REMAT_POLICIES
+    # Parcae-style stable injection: x = a * s + B RMSNorm(e) with a = exp(-(exp(log_rate) + 1e-3)) in
+    # (0, 0.999] per channel (a negative-exponential diagonal), so the adapter's state path has
+    # spectral radius < 1 by construction. False: the paper's adapter A([s; e]) (bit-identical to
+    # before the option existed).
+    stable_injection: bool = False
 
     def __post_init__(self):
         _check(self.name == "recurrent_depth", "name", "'recurrent_depth'", self.name)
@@ -121,7 +128,14 @@ class RecurrentCore(nnx.Module):
     def __init__(self, cfg: RecurrentDepthConfig, *, init_std: float, out_init_std: float, rngs: nnx.Rngs):
         self.dtype = resolve_dtype(cfg.dtype)
         d = cfg.d_model
-        self.adapter_ED = param(truncated_normal(rngs.params(), (2 * d, d), init_std), ("mlp", "embed"))
+        self.stable_injection = cfg.stable_injection
+        if cfg.stable_injection:
+            # a = exp(-(exp(log_rate) + 1e-3)) = 1/2 at init; B on the normalised prelude output.
+            self.log_rate_D = param(jnp.full((d,), math.log(math.log(2.0) - 1e-3), jnp.float32), ("embed",))
+            self.inject_ED = param(truncated_normal(rngs.params(), (d, d), init_std), ("mlp", "embed"))
+            self.inject_norm = RMSNorm(d, eps=cfg.norm_eps)
+        else:
+            self.adapter_ED = param(truncated_normal(rngs.params(), (2 * d, d), init_std), ("mlp", "embed"))
         bcfg = cfg.block_config()
         self.blocks = nnx.List(
             [Block(bcfg, init_std=init_std, out_init_std=out_init_std, rngs=rngs) for _ in range(cfg.num_core_layers)]
@@ -138,8 +152,7 @@ class RecurrentCore(nnx.Module):
         cache_index: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """One loop iteration. ``caches`` (optional) stacks one KVCache per core layer on axis 0."""
-        se_BTE = jnp.concatenate([s_BTD, e_BTD], axis=-1).astype(self.dtype)
-        x_BTD = dense(se_BTE, self.adapter_ED[...].astype(self.dtype)).astype(jnp.float32)
+        x_BTD = self.inject(s_BTD, e_BTD)
         per_layer = None
         if caches is not None:
             per_layer = [jax.tree.map(lambda a, i=i: a[i], caches) for i in range(len(self.blocks))]
@@ -149,6 +162,16 @@ class RecurrentCore(nnx.Module):
         if new is not None:
             new = jax.tree.map(lambda *a: jnp.stack(a), *new)
         return x_BTD, new
+
+    def inject(self, s_BTD: jax.Array, e_BTD: jax.Array) -> jax.Array:
+        """The core's input: A([s; e]), or a * s + B RMSNorm(e) with stable injection (float32); the
+        rate floor 1e-3 keeps a <= exp(-1e-3) < 1 in float32 however small log_rate gets."""
+        if self.stable_injection:
+            a_D = jnp.exp(-(jnp.exp(self.log_rate_D[...]) + 1e-3))
+            inj_BTD = dense(self.inject_norm(e_BTD).astype(self.dtype), self.inject_ED[...].astype(self.dtype))
+            return a_D * s_BTD.astype(jnp.float32) + inj_BTD.astype(jnp.float32)
+        se_BTE = jnp.concatenate([s_BTD, e_BTD], axis=-1).astype(self.dtype)
+        return dense(se_BTE, self.adapter_ED[...].astype(self.dtype)).astype(jnp.float32)
 
 
 class AdaptiveOutput(NamedTuple):
@@ -239,6 +262,9 @@ class RecurrentDepthModel(TokenModel, nnx.Module):
     ) -> jax.Array:
         """Logits [B, T, V] (float32) after ``num_loops`` core iterations (default: eval_loops).
 
+        Without ``rng`` the initial state is s_0 = 0 (deterministic); the reference always samples
+        s_0 unless init_scale = 0, so pass an ``rng`` to match it.
+
         ``num_loops`` may be a traced int32: one compile then serves every value.
         """
         logits_BTV, _ = self.forward(
@@ -273,10 +299,13 @@ class RecurrentDepthModel(TokenModel, nnx.Module):
         return self._logits(s_BTD, positions_BT, segment_ids_BT), s_BTD
 
     def sample_num_loops(self, rng: jax.Array) -> jax.Array:
-        """r = Poisson(e^tau) + 1, tau ~ N(log r_bar - sigma^2 / 2, sigma) (Eq. 2); int32 scalar."""
+        """r = Poisson(e^tau) + 1, tau ~ N(log max(r_bar, k) - sigma^2 / 2, sigma) (Eq. 2 with the
+        reference's max(r_bar, k), k = grad_steps); int32 scalar."""
         cfg = self.cfg
         tau_key, poisson_key = jax.random.split(rng)
-        mu = math.log(cfg.mean_loops) - cfg.loop_sigma**2 / 2
+        # The reference (randomized_iteration_sampler) centres on log(t + s) with t = max(r_bar - k, 0),
+        # s = k: log(max(r_bar, k)), which differs from log(r_bar) when grad_steps > mean_loops.
+        mu = math.log(max(cfg.mean_loops, cfg.grad_steps)) - cfg.loop_sigma**2 / 2
         tau = mu + cfg.loop_sigma * jax.random.normal(tau_key, (), jnp.float32)
         r = jax.random.poisson(poisson_key, jnp.exp(tau), (), jnp.int32) + 1
         if cfg.max_train_loops:
@@ -305,42 +334,44 @@ class RecurrentDepthModel(TokenModel, nnx.Module):
         inputs_BT: jax.Array,
         *,
         max_loops: int,
-        tol: float | None = 0.03,
-        kl_tol: float | None = 5e-4,
-        argmax_patience: int | None = None,
-        min_loops: int = 1,
+        exit_rule: ExitRule | None = _DEFAULT_RULE,
+        freeze: bool = True,
         positions_BT: jax.Array | None = None,
         segment_ids_BT: jax.Array | None = None,
         rng: jax.Array | None = None,
     ) -> AdaptiveOutput:
-        """Per-token early exit (Sec. 6): a token stops once every given criterion holds --
-        relative latent change < ``tol``, KL between successive output distributions (read out
-        through coda + head) < ``kl_tol``, argmax unchanged for ``argmax_patience`` steps.
-        A tolerance of 0 or None disables that criterion; with none left every token runs
-        ``max_loops`` iterations (the fixed-depth forward)."""
-        tol = tol or None
-        kl_tol = kl_tol or None
+        """Early exit (Sec. 6) with one named criterion (`looped_jax.models.huginn_exit`: the
+        reference's entropy-diff, latent-diff, kl, minp-kl, argmax-stability, cosine with its
+        thresholds and start values). Per token, or per row with ``exit_rule.per_sequence``.
+        ``exit_rule=None`` (or criterion "none") runs every token ``max_loops`` iterations.
+
+        ``freeze``: an exited token's latent stays fixed while the others step (its keys at later
+        steps are recomputed from that latent). ``freeze=False`` keeps every element stepping until
+        all exited and reads each one out at its exit latent. Departure: the reference's
+        ``forward_with_adaptive_compute`` runs token by token through its KV cache; that is
+        `looped_jax.models.generate.adaptive_forward_sequential`. This is the parallel variant.
+        s_0 = 0 when no ``rng`` is given (the reference samples s_0 unless init_scale = 0)."""
+        rule = resolve_exit_rule(exit_rule)
         e_BTD, positions_BT = self._prepare(inputs_BT, positions_BT, segment_ids_BT)
         s_BTD = self.initial_state(e_BTD, rng)
         step, params = self.core_step_fn()
         readout, readout_params = self.readout_fn(positions_BT, segment_ids_BT)
         inputs = (e_BTD, positions_BT, segment_ids_BT)
-        if tol is None and kl_tol is None and argmax_patience is None:
+        if rule is None:
             s_BTD, _ = unroll(step, params, s_BTD, inputs, num_steps=max_loops)
             steps_BT = jnp.full(inputs_BT.shape, max_loops, jnp.int32)
             return AdaptiveOutput(readout(readout_params, s_BTD), steps_BT, jnp.zeros(inputs_BT.shape, bool))
-        needs_readout = kl_tol is not None or argmax_patience is not None
-        result = iterate_to_convergence(
-            lambda p, s, x: step(p[0], s, x),
-            (params, readout_params),
+        result = adaptive_loop(
+            lambda s, aux, index, active: (step(params, s, inputs), aux),
+            lambda s: readout(readout_params, s),
             s_BTD,
-            inputs,
+            rule,
             max_steps=max_loops,
-            tol=tol,
-            readout=(lambda p, s: readout(p[1], s)) if needs_readout else None,
-            kl_tol=kl_tol,
-            argmax_patience=argmax_patience,
-            granularity="token",
-            min_steps=min_loops,
+            vocab_size=self.cfg.vocab_size,
+            freeze=freeze,
         )
-        return AdaptiveOutput(readout(readout_params, result.state), result.steps, result.converged)
+        steps, exited = result.steps, result.exited
+        if rule.per_sequence:
+            steps = jnp.broadcast_to(steps[:, None], inputs_BT.shape)
+            exited = jnp.broadcast_to(exited[:, None], inputs_BT.shape)
+        return AdaptiveOutput(readout(readout_params, result.out_s), steps, exited)

@@ -1,6 +1,13 @@
 """Multi-head attention with grouped-query heads, RoPE and causal / bidirectional /
-sliding-window masks, on ``jax.nn.dot_product_attention`` (XLA or cuDNN picks the kernel) on
-accelerators and on a plain einsum softmax on CPU (see ``attention_weights_cpu``).
+sliding-window masks.
+
+Dispatch is by the platform being traced for (``nn.platform.target_platform``, so an AOT compile
+for TPU on a CPU host traces the TPU program). Self-attention over the layer's own T tokens (no KV
+cache) runs flash attention where a kernel applies (``nn/flash.py``): Pallas splash attention on
+TPU (causal, sliding window, bidirectional, with or without segment ids, GQA), cuDNN on CUDA
+(causal / sliding / bidirectional rows without segment ids, bf16/fp16). Everything else, and the
+reference, is the XLA path: a plain einsum softmax on CPU (``einsum_attention``) and the XLA
+implementation of ``jax.nn.dot_product_attention`` elsewhere.
 
 Masks are built from positions and segment ids rather than array indices, so the same code
 serves packed sequences (several documents per row) and KV-cache decoding (keys in a cache
@@ -16,8 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from looped_jax.nn.flash import FLASH_IMPLS, flash_attention, which_flash
 from looped_jax.nn.init import param, truncated_normal
 from looped_jax.nn.linear import dense
+from looped_jax.nn.platform import target_platform
 from looped_jax.nn.rotary import apply_rope
 
 MASK_KINDS = ("causal", "bidirectional", "sliding")
@@ -123,8 +132,11 @@ class Attention(nnx.Module):
         qk_bias: bool = False,
         rope_theta: float | None = 10_000.0,
         dtype=jnp.float32,
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
+        if impl not in FLASH_IMPLS:
+            raise ValueError(f"attention impl must be one of {FLASH_IMPLS}, got {impl!r}")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
         if mask_kind not in MASK_KINDS:
@@ -133,6 +145,7 @@ class Attention(nnx.Module):
             raise ValueError(f"sliding-window attention needs window >= 1, got {window}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.mask_kind, self.window, self.rope_theta, self.dtype = mask_kind, window, rope_theta, dtype
+        self.impl = impl  # "auto" | "xla" | "splash" | "cudnn" for self-attention (see nn/flash.py)
         key = rngs.params
         self.q_DNH = param(truncated_normal(key(), (d_model, num_heads, head_dim), init_std), ("embed", "heads", "kv"))
         self.k_DKH = param(
@@ -168,12 +181,19 @@ class Attention(nnx.Module):
     def attend(self, q_BTNH, k_BSKH, v_BSKH, mask_B1TS: jax.Array | None, *, is_causal: bool = False):
         """Softmax attention; returns [B,T,N,H]."""
         local = (self.window - 1, 0) if (is_causal and self.mask_kind == "sliding") else None
-        if jax.default_backend() == "cpu":
+        if target_platform() == "cpu":
             window = self.window if local is not None else 0
             return einsum_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, is_causal=is_causal, window=window)
         return jax.nn.dot_product_attention(
             q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, is_causal=is_causal, local_window_size=local
         )
+
+    def flash_choice(self, q_shape, k_shape, *, segmented: bool, platform: str | None = None):
+        """The ``nn.flash.FlashChoice`` self-attention over q [B,T,N,H] would use (no KV cache)."""
+        return which_flash(
+            tuple(q_shape), tuple(k_shape), self.dtype, mask_kind=self.mask_kind, window=self.window,
+            segmented=segmented, impl=self.impl, platform=platform,
+        )  # fmt: skip
 
     def output(self, o_BTNH: jax.Array) -> jax.Array:
         return dense(o_BTNH.astype(self.dtype), self.o_NHD[...].astype(self.dtype), contract=2)
@@ -189,6 +209,13 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         """Self-attention over the T inputs, or over the cache after writing them at ``cache_index``."""
         q_BTNH, k_BTKH, v_BTKH = self.project(x_BTD, positions_BT)
+        if cache is None:
+            choice = self.flash_choice(q_BTNH.shape, k_BTKH.shape, segmented=segment_ids_BT is not None)
+            if choice.impl != "xla":
+                o_BTNH = flash_attention(
+                    choice, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, mask_kind=self.mask_kind, window=self.window
+                )
+                return self.output(o_BTNH), None
         if cache is None and segment_ids_BT is None and self.mask_kind != "bidirectional":
             # Plain causal / sliding over one sequence: let the backend use its fused causal path.
             return self.output(self.attend(q_BTNH, k_BTKH, v_BTKH, None, is_causal=True)), None

@@ -16,6 +16,14 @@ import math
 import jax
 import jax.numpy as jnp
 
+from looped_jax.sharding import constrain
+
+
+def _batch_split(x: jax.Array) -> jax.Array:
+    """Pins the leading (batch) dim to the (data, fsdp) split under a mesh (no-op without one): without it XLA
+    follows the fsdp-sharded weights and runs dense layers on the whole fsdp group's batch (issue 19, item 4)."""
+    return constrain(x, ("batch",) + (None,) * (x.ndim - 1)) if x.ndim >= 2 else x
+
 
 def dense(x: jax.Array, w: jax.Array, *, contract: int = 1, preferred_element_type=None) -> jax.Array:
     """Contracts the last ``contract`` dims of ``x`` with the first ``contract`` dims of ``w``.
@@ -27,19 +35,21 @@ def dense(x: jax.Array, w: jax.Array, *, contract: int = 1, preferred_element_ty
         raise ValueError(
             f"dense: the last {contract} dims of x {x.shape} must equal the first {contract} of w {w.shape}"
         )
+    x = _batch_split(x)
     lead, inner, out = x.shape[: x.ndim - contract], w.shape[:contract], w.shape[contract:]
     k = math.prod(inner)
     y = jnp.matmul(
         x.reshape(math.prod(lead), k), w.reshape(k, math.prod(out)), preferred_element_type=preferred_element_type
     )
-    return y.reshape(lead + out)
+    return _batch_split(y.reshape(lead + out))
 
 
 def dense_t(x: jax.Array, w_OD: jax.Array, *, preferred_element_type=None) -> jax.Array:
     """``einsum("...d,od->...o")``: x against a weight stored [out, in] (a tied embedding table)."""
     if x.shape[-1] != w_OD.shape[1]:
         raise ValueError(f"dense_t: x {x.shape} last dim must equal w {w_OD.shape} dim 1")
+    x = _batch_split(x)
     y = jax.lax.dot_general(
         x.reshape(-1, x.shape[-1]), w_OD, (((1,), (1,)), ((), ())), preferred_element_type=preferred_element_type
     )
-    return y.reshape(x.shape[:-1] + (w_OD.shape[0],))
+    return _batch_split(y.reshape(x.shape[:-1] + (w_OD.shape[0],)))

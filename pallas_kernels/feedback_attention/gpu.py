@@ -86,12 +86,12 @@ def _check(cfg, q_BHTK, famk_BGNFK, backward):
 
 
 def forward(cfg, q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK):
-    """Returns (o [B,H,Tp,K] in q's dtype, lse [B,H,Tp,1] f32). Unsupported configurations raise (ops.py decides)."""
+    """Returns (o [B,H,Tp,K] in q's dtype, lse [B,H,Tp] f32). Unsupported configurations raise (ops.py decides)."""
     _check(cfg, q_BHTK, famk_BGNFK, False)
     return _forward_kernel(cfg, q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK)
 
 
-def backward(cfg, q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK, do_BHTK, lse_BHT1, delta_BHT1):
+def backward(cfg, q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK, do_BHTK, lse_BHT, delta_BHT):
     """Mosaic-GPU dq / dk,dv / dFAM kernels (64 x 64 tiles). Unsupported configurations raise (ops.py decides)."""
     _check(cfg, q_BHTK, famk_BGNFK, True)
     return _backward_kernels(
@@ -102,8 +102,8 @@ def backward(cfg, q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK, do_BHTK, lse_B
         famk_BGNFK,
         famv_BGNFK,
         do_BHTK,
-        lse_BHT1[..., 0],
-        delta_BHT1[..., 0],
+        lse_BHT,
+        delta_BHT,
     )
 
 
@@ -291,7 +291,7 @@ def _forward_kernel(cfg, q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK, *, inte
         compiler_params=plgpu.CompilerParams(),
         interpret=interpret,
     )(*args)
-    return o_BHTK, lse_BHT[..., None]
+    return o_BHTK, lse_BHT
 
 
 # ----------------------------------------------------------------------------------------------------- backward

@@ -329,7 +329,7 @@ def _reference_lse(cfg, q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK):
         famk_BGNFK.transpose(0, 2, 3, 1, 4), famv_BGNFK.transpose(0, 2, 3, 1, 4),
         block_size=cfg.block_size, memory_segments=cfg.memory_segments, sm_scale=cfg.scale,
     )  # fmt: skip
-    return to_bthk(o_BTHK), lse_BTH.transpose(0, 2, 1)[..., None]
+    return to_bthk(o_BTHK), lse_BTH.transpose(0, 2, 1)
 
 
 def _dispatch(cfg: _KernelConfig, fn_name: str, *args):
@@ -370,14 +370,15 @@ def _flash(cfg, q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK):
 
 
 def _flash_fwd(cfg, q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK):
-    o_BHTK, lse_BHT1 = _dispatch(cfg, "forward", q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK)
-    return o_BHTK, (q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK, o_BHTK, lse_BHT1)
+    o_BHTK, lse_BHT = _dispatch(cfg, "forward", q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK)
+    return o_BHTK, (q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK, o_BHTK, lse_BHT)
 
 
 def _flash_bwd(cfg, res, do_BHTK):
-    q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK, o_BHTK, lse_BHT1 = res
-    # D_i = sum_k dO_ik O_ik (the softmax-backward row term), f32.
-    delta_BHT1 = jnp.sum(do_BHTK.astype(jnp.float32) * o_BHTK.astype(jnp.float32), axis=-1, keepdims=True)
+    q_BHTK, k_BGTK, v_BGTK, famk_BGNFK, famv_BGNFK, o_BHTK, lse_BHT = res
+    # D_i = sum_k dO_ik O_ik (the softmax-backward row term), f32; lse and delta stay [B,H,Tp] (T on lanes: no
+    # 128-lane padding of a trailing unit axis on TPU).
+    delta_BHT = jnp.sum(do_BHTK.astype(jnp.float32) * o_BHTK.astype(jnp.float32), axis=-1)
     return _dispatch(
         cfg,
         "backward",
@@ -387,8 +388,8 @@ def _flash_bwd(cfg, res, do_BHTK):
         famk_BGNFK,
         famv_BGNFK,
         do_BHTK.astype(q_BHTK.dtype),
-        lse_BHT1,
-        delta_BHT1,
+        lse_BHT,
+        delta_BHT,
     )
 
 

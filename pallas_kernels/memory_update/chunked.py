@@ -76,11 +76,12 @@ def chunk_coefficients(
 
 
 def out_struct_like(x: jax.Array):
-    """float32 ``ShapeDtypeStruct`` factory that carries x's shard_map axis type (needed under check_vma)."""
+    """``ShapeDtypeStruct`` factory (float32 unless ``dtype`` is given) that carries x's shard_map axis type
+    (needed under check_vma)."""
     mat = getattr(jax.typeof(x), "mat", None)
     if mat is None:
-        return lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-    return lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32, manual_axis_type=mat)
+        return lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
+    return lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
 
 
 # --- matmuls without transposes (shared with the Pallas kernels, where `x.T` does not lower on Mosaic GPU) ---

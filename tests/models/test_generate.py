@@ -13,6 +13,7 @@ from flax import nnx
 
 from looped_jax.models import LoopedConfig, RecurrentDepthConfig, build_model
 from looped_jax.models.generate import (
+    CACHE_LOOKUPS,
     ExitRule,
     generate,
     init_recurrent_depth_cache,
@@ -66,7 +67,7 @@ def test_looped_greedy_matches_uncached(kw):
 
 def test_adaptive_generation_options():
     model = build_model(RD, rngs=nnx.Rngs(0))
-    out = generate(model, PROMPT, max_new_tokens=4, num_loops=5, exit_rule=ExitRule(tol=1e9))
+    out = generate(model, PROMPT, max_new_tokens=4, num_loops=5, exit_rule=ExitRule("latent-diff", 1e9))
     np.testing.assert_array_equal(out.steps_BT[:, 0], 5)  # the prompt runs every loop
     np.testing.assert_array_equal(out.steps_BT[:, 1:], 1)
     out = generate(
@@ -74,18 +75,20 @@ def test_adaptive_generation_options():
         PROMPT,
         max_new_tokens=4,
         num_loops=5,
-        exit_rule=ExitRule(tol=0.3, kl_tol=1e-2),
+        exit_rule=ExitRule("kl", 1e-2),
         cache_sharing_slots=2,
         warm_start=True,
         temperature=1.0,
         rng=jax.random.key(0),
     )
     assert out.tokens_BT.shape == (2, 4) and int(out.steps_BT.max()) <= 5 and int(out.steps_BT.min()) >= 1
-    # tol 0 disables the exit: identical to fixed-depth decoding.
+    # A threshold nothing meets: identical to fixed-depth decoding, for every lookup.
     fixed = generate(model, PROMPT, max_new_tokens=4, num_loops=5)
-    np.testing.assert_array_equal(
-        generate(model, PROMPT, max_new_tokens=4, num_loops=5, exit_rule=ExitRule(tol=0.0)).tokens_BT, fixed.tokens_BT
-    )
+    for lookup in CACHE_LOOKUPS:
+        never = generate(
+            model, PROMPT, max_new_tokens=4, num_loops=5, exit_rule=ExitRule("latent-diff", 0.0), cache_lookup=lookup
+        )
+        np.testing.assert_array_equal(never.tokens_BT, fixed.tokens_BT)
     with pytest.raises(ValueError, match="rng"):
         generate(model, PROMPT, max_new_tokens=2, temperature=1.0)
 
@@ -105,7 +108,15 @@ def test_cache_holes_are_filled_with_deepest_entry(tol):
         )
         tok = jnp.array([[4], [9]], jnp.int32)
         return recurrent_depth_forward_cached(
-            m, tok, cache, s[:, -1:], index=jnp.int32(t), num_loops=loops, exit_rule=ExitRule(tol=tol)
+            m,
+            tok,
+            cache,
+            s[:, -1:],
+            index=jnp.int32(t),
+            num_loops=loops,
+            exit_rule=ExitRule("latent-diff", tol),
+            cache_lookup="latest-m4",
+            freeze_exited=True,
         )
 
     graphdef, state = nnx.split(model)
@@ -127,8 +138,10 @@ def test_cache_holes_are_filled_with_deepest_entry(tol):
 # A plainly written reference of recurrent-depth decoding with per-token exits, built from the
 # model's blocks: Python loops over tokens, loop steps and rows. Loop step i reads and writes
 # cache slot i % n; a row that stopped after j steps has, in every slot, the entry of the deepest
-# step it ran that maps to the slot, or (a slot it never reached) its step j - 1 entry. The exit
-# is measured per row in float64: relative latent change and KL(p_k || p_{k-1}), p_0 uniform.
+# step it ran that maps to the slot, or (a slot it never reached, lookup latest-m4) its step j - 1
+# entry (lookup full: nothing, masked). The exit is measured per row in float64: one criterion,
+# relative latent change or KL(p_{k-1} || p_k), p_0 uniform. ``freeze=False``: every row steps
+# and writes the cache until all exited; a row's output latent is the one at its exit.
 
 RD1 = RecurrentDepthConfig(
     vocab_size=32,
@@ -203,7 +216,18 @@ class Reference(NamedTuple):
     final_s: list  # per forward: [B, 1, D] final latent at the last position
 
 
-def reference_decode(num_new, *, slots=0, warm_start=False, tol=None, kl_tol=None, min_loops=1, start=None):
+def reference_decode(
+    num_new,
+    *,
+    slots=0,
+    warm_start=False,
+    crit="latent-diff",
+    thr=0.03,
+    min_steps=0,
+    start=None,
+    lookup="latest-m4",
+    freeze=True,
+):
     """Greedy decoding of ``PROMPT1`` by ``rd1_model`` with s_0 = 0, written out plainly.
 
     ``start`` (optional, [B, 1, D]): the first decode's initial latent instead of the rule above.
@@ -244,38 +268,56 @@ def reference_decode(num_new, *, slots=0, warm_start=False, tol=None, kl_tol=Non
         prev_logits = np.zeros((batch, cfg.vocab_size))  # uniform
         active = [True] * batch
         ran = [0] * batch
+        out = s.copy()
+        prev_s = s.copy()  # the criterion's previous latent: updated only on checked steps
         row_kls = [[] for _ in range(batch)]
+        num_it = 0
         for i in range(LOOPS1):
             if not any(active):
                 break
+            num_it += 1
             q = i % n
             s_new, new_slot = core(state, jnp.asarray(s), e, positions, slot_caches[q], pos)
             s_new = np.asarray(s_new)
             step_logits = np.asarray(coda(state, jnp.asarray(s_new), positions, coda_caches, pos)[0][:, 0])
             written = jax.tree.map(np.array, slot_caches[q])
             for b in range(batch):
-                if not active[b]:
+                if freeze and not active[b]:
                     continue
                 for field, new_a in zip(written, new_slot, strict=True):  # this row's entry at pos
                     field[:, b, pos] = np.asarray(new_a)[:, b, pos]
-                rel = np.linalg.norm(s_new[b].astype(np.float64) - s[b]) / np.linalg.norm(s_new[b].astype(np.float64))
-                kl = kl64(step_logits[b], prev_logits[b])
-                row_kls[b].append(kl)
-                s[b], prev_logits[b] = s_new[b], step_logits[b]
+                s[b] = s_new[b]
+                if not active[b]:
+                    continue
                 ran[b] += 1
-                done = ran[b] >= min_loops
-                done &= tol is None or rel < tol
-                done &= kl_tol is None or kl < kl_tol
-                active[b] = not done
+                if i < min_steps:
+                    continue
+                new64 = s_new[b].astype(np.float64)
+                rel = np.linalg.norm(new64 - prev_s[b]) / np.linalg.norm(new64)
+                prev_s[b] = s_new[b]
+                kl = kl64(prev_logits[b], step_logits[b])  # KL(old || new)
+                row_kls[b].append(kl)
+                prev_logits[b] = step_logits[b]
+                active[b] = not ((rel if crit == "latent-diff" else kl) < thr)
+                if not active[b]:
+                    out[b] = s_new[b]
             slot_caches[q] = KVCache(*written)
-        # Slots a row never reached hold its deepest (last) entry.
-        slot_np = [jax.tree.map(np.array, c) for c in slot_caches]
         for b in range(batch):
-            for q in range(ran[b], n):
-                for field, deepest in zip(slot_np[q], slot_np[ran[b] - 1], strict=True):
-                    field[:, b, pos] = deepest[:, b, pos]
-        slot_caches = [KVCache(*c) for c in slot_np]
-        logits, coda_caches = coda(state, jnp.asarray(s), positions, coda_caches, pos)
+            if active[b]:
+                out[b] = s[b]
+            if not freeze:
+                ran[b] = ran[b] if not active[b] else num_it
+        if lookup == "latest-m4":  # slots a row never reached hold its deepest (last) entry
+            slot_np = [jax.tree.map(np.array, c) for c in slot_caches]
+            for b in range(batch):
+                reached = ran[b] if freeze else num_it
+                for q in range(reached, n):
+                    for field, deepest in zip(slot_np[q], slot_np[reached - 1], strict=True):
+                        field[:, b, pos] = deepest[:, b, pos]
+            slot_caches = [KVCache(*c) for c in slot_np]
+        logits, coda_caches = coda(state, jnp.asarray(s if not freeze else out), positions, coda_caches, pos)
+        logits = coda(state, jnp.asarray(out), positions, coda_caches, pos)[0]
+        s = out
         tokens.append(np.argmax(np.asarray(logits[:, -1]), -1))
         steps.append(np.array(ran))
         kls.append(row_kls)
@@ -291,37 +333,42 @@ def reference(num_new, **kw):
 
 
 RULES = {
-    "tol": dict(tol=0.1),
-    "kl": dict(kl_tol=1e-2),
-    "both": dict(tol=0.1, kl_tol=1e-2),
-    "min_loops": dict(tol=0.3, min_loops=5),
+    "tol": dict(crit="latent-diff", thr=0.1),
+    "kl": dict(crit="kl", thr=1e-2),
+    "min_steps": dict(crit="latent-diff", thr=0.3, min_steps=4),
 }
 
 
+def as_rule(kw):
+    return ExitRule(kw["crit"], kw["thr"], kw.get("min_steps", 0))
+
+
 @pytest.mark.parametrize(
-    "rule, slots, warm_start",
+    "rule, slots, warm_start, lookup, freeze",
     [
-        ("tol", 0, False),
-        ("kl", 2, True),
-        ("both", 3, False),
-        ("min_loops", 3, True),
-        ("both", 2, True),
-        ("kl", 0, False),
+        ("tol", 0, False, "latest-m4", True),
+        ("kl", 2, True, "latest-m4", True),
+        ("min_steps", 3, True, "latest-m4", True),
+        ("tol", 0, False, "full", True),
+        ("kl", 3, False, "full", True),
+        ("tol", 0, True, "full", False),
+        ("kl", 2, False, "latest-m4", False),
     ],
 )
-def test_generation_matches_plain_reference(rule, slots, warm_start):
+def test_generation_matches_plain_reference(rule, slots, warm_start, lookup, freeze):
     """Tokens and per-token steps equal the plainly written reference, for each exit rule, cache
-    sharing and warm start."""
+    lookup, batched-exit mode, cache sharing and warm start."""
     kw = RULES[rule]
-    ref = reference(6, slots=slots, warm_start=warm_start, **kw)
-    rule_ = ExitRule(kw.get("tol"), kw.get("kl_tol"), kw.get("min_loops", 1))
+    ref = reference(6, slots=slots, warm_start=warm_start, lookup=lookup, freeze=freeze, **kw)
     out = generate(
         rd1_model(),
         PROMPT1,
         max_new_tokens=6,
         num_loops=LOOPS1,
-        exit_rule=rule_,
+        exit_rule=as_rule(kw),
         cache_sharing_slots=slots,
+        cache_lookup=lookup,
+        freeze_exited=freeze,
         warm_start=warm_start,
     )
     np.testing.assert_array_equal(out.steps_BT, ref.steps)
@@ -329,7 +376,7 @@ def test_generation_matches_plain_reference(rule, slots, warm_start):
     assert len(np.unique(ref.steps[:, 1:])) > 1  # rows and tokens exit at different steps
 
 
-def manual_decode(num_new, *, slots, rule, warm_start, start=None):
+def manual_decode(num_new, *, slots, rule, warm_start, start=None, lookup="latest-m4", freeze=True):
     """The module's cached forward called one token at a time (greedy, s_0 = 0)."""
     model = rd1_model()
     graphdef, state = nnx.split(model)
@@ -339,7 +386,15 @@ def manual_decode(num_new, *, slots, rule, warm_start, start=None):
     def fwd(state, tokens_BT, cache, s0_BTD, index, exit_rule):
         m = nnx.merge(graphdef, state)
         return recurrent_depth_forward_cached(
-            m, tokens_BT, cache, s0_BTD, index=index, num_loops=LOOPS1, exit_rule=exit_rule
+            m,
+            tokens_BT,
+            cache,
+            s0_BTD,
+            index=index,
+            num_loops=LOOPS1,
+            exit_rule=exit_rule,
+            cache_lookup=lookup,
+            freeze_exited=freeze,
         )
 
     cache = init_recurrent_depth_cache(model, batch, t0 + num_new, slots or LOOPS1)
@@ -356,13 +411,14 @@ def manual_decode(num_new, *, slots, rule, warm_start, start=None):
     return outs, cache
 
 
-@pytest.mark.parametrize("slots", [2, 3])
-def test_cache_sharing_slots_match_reference(slots):
+@pytest.mark.parametrize("slots, lookup, freeze", [(2, "latest-m4", True), (3, "full", True), (0, "full", False)])
+def test_cache_sharing_slots_match_reference(slots, lookup, freeze):
     """With n slots the core cache has n entries per position and loop step i lives in slot i % n:
     the cache, logits and latents after a prefill and early-exit decodes equal the reference's."""
-    rule = ExitRule(tol=0.1, kl_tol=1e-2)
-    ref = reference(4, slots=slots, warm_start=True, tol=0.1, kl_tol=1e-2)
-    outs, cache = manual_decode(4, slots=slots, rule=rule, warm_start=True)
+    rule = ExitRule("kl", 1e-2)
+    ref = reference(4, slots=slots, warm_start=True, crit="kl", thr=1e-2, lookup=lookup, freeze=freeze)
+    outs, cache = manual_decode(4, slots=slots, rule=rule, warm_start=True, lookup=lookup, freeze=freeze)
+    slots = slots or LOOPS1
     assert cache.core.k_BSKH.shape[:2] == (slots, RD1.num_core_layers)
     for (logits, s, steps), ref_logits, ref_s, ref_steps in zip(
         outs, ref.logits, ref.final_s, ref.steps.T, strict=True
@@ -382,8 +438,17 @@ def _take_slot(core, q):
 def test_warm_start_feeds_previous_final_latent():
     """With warm_start every decode starts from the previous token's final latent: generation
     equals a manual decode loop that passes that latent on, and differs from starting at s_0 = 0."""
-    rule = ExitRule(tol=0.1)
-    out = generate(rd1_model(), PROMPT1, max_new_tokens=5, num_loops=LOOPS1, exit_rule=rule, warm_start=True)
+    rule = ExitRule("latent-diff", 0.1)
+    out = generate(
+        rd1_model(),
+        PROMPT1,
+        max_new_tokens=5,
+        num_loops=LOOPS1,
+        exit_rule=rule,
+        warm_start=True,
+        cache_lookup="latest-m4",
+        freeze_exited=True,
+    )
     warm, _ = manual_decode(5, slots=0, rule=rule, warm_start=True)
     cold, _ = manual_decode(5, slots=0, rule=rule, warm_start=False)
     steps = lambda outs: np.stack([np.asarray(o[2]) for o in outs], 1)
@@ -395,20 +460,26 @@ def test_warm_start_feeds_previous_final_latent():
 
 @pytest.mark.parametrize("exit_step", [1, 2])
 def test_kl_exit_threshold(exit_step):
-    """A row exits at step k once KL(p_k || p_{k-1}) < kl_tol (p_0 uniform) and continues while it
-    is above: kl_tol just above / below the measured KL of row 0 at step k = min_loops."""
-    ref = reference(2, kl_tol=1e-9)  # a tolerance nothing meets: every step's KL is measured
-    kl = ref.kls[0][0][exit_step - 1]
+    """A row exits at step k once KL(p_{k-1} || p_k) < threshold (p_0 uniform) and continues while
+    it is above: threshold just above / below the measured KL of row 0 at step k = min_steps + 1."""
+    # A tolerance nothing meets: every checked step's KL is measured. The reference checks (and
+    # updates p_prev) only from step min_steps + 1 on, so the first KL is against uniform.
+    ref = reference(2, crit="kl", thr=1e-12, min_steps=exit_step - 1)
+    kl = ref.kls[0][0][0]
     assert kl > 1e-6
     for factor, exits in ((1.05, True), (0.95, False)):
-        rule = ExitRule(tol=None, kl_tol=kl * factor, min_loops=exit_step)
+        rule = ExitRule("kl", kl * factor, min_steps=exit_step - 1)
         (_, (_, _, steps)), _ = manual_decode(2, slots=0, rule=rule, warm_start=False)
         assert (int(steps[0]) == exit_step) == exits, (factor, int(steps[0]))
 
 
 def test_exit_rule_errors_name_the_field():
     model = rd1_model()
-    with pytest.raises(ValueError, match="ExitRule.min_loops"):
-        generate(model, PROMPT1, max_new_tokens=2, exit_rule=ExitRule(tol=0.1, min_loops=0))
-    with pytest.raises(ValueError, match="ExitRule.kl_tol"):
-        generate(model, PROMPT1, max_new_tokens=2, exit_rule=ExitRule(tol=None, kl_tol=-1.0))
+    with pytest.raises(ValueError, match="ExitRule.min_steps"):
+        generate(model, PROMPT1, max_new_tokens=2, exit_rule=ExitRule(min_steps=-1))
+    with pytest.raises(ValueError, match="ExitRule.threshold"):
+        generate(model, PROMPT1, max_new_tokens=2, exit_rule=ExitRule("kl", -1.0))
+    with pytest.raises(ValueError, match="ExitRule.criterion"):
+        generate(model, PROMPT1, max_new_tokens=2, exit_rule=ExitRule("kl+latent"))
+    with pytest.raises(ValueError, match="cache_lookup"):
+        generate(model, PROMPT1, max_new_tokens=2, cache_lookup="latest")

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from looped_jax.models import MODEL_CONFIGS, RecurrentDepthConfig, build_model, count_params
+from looped_jax.models.huginn_exit import ExitRule
 
 TINY = RecurrentDepthConfig(
     vocab_size=37,
@@ -167,11 +168,11 @@ def test_adaptive_forward():
     graphdef, state = nnx.split(model)
     adaptive = lambda x, **kw: jax.jit(lambda s: nnx.merge(graphdef, s).adaptive_forward(x, **kw))(state)
     fixed = call(model, x, num_loops=6)
-    for tol, kl_tol in ((0.0, 0.0), (1e-12, 1e-30)):  # never exits early
-        out = adaptive(x, max_loops=6, tol=tol, kl_tol=kl_tol)
+    for rule in (None, ExitRule("latent-diff", 0.0), ExitRule("kl", 0.0)):  # never exits early
+        out = adaptive(x, max_loops=6, exit_rule=rule)
         np.testing.assert_array_equal(out.steps_BT, 6)
         np.testing.assert_allclose(out.logits_BTV, fixed, atol=1e-5, rtol=1e-5)
-    out = adaptive(x, max_loops=6, tol=1e9, kl_tol=None)
+    out = adaptive(x, max_loops=6, exit_rule=ExitRule("latent-diff", 1e9))
     assert out.steps_BT.shape == x.shape
     np.testing.assert_array_equal(out.steps_BT, 1)
     np.testing.assert_allclose(out.logits_BTV, call(model, x, num_loops=1), atol=1e-5, rtol=1e-5)
