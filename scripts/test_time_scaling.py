@@ -50,9 +50,23 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="test_time_scaling", help="results go to runs/<name>/")
     p.add_argument("--eval_batch_size", type=int, default=250)
     p.add_argument(
+        "--recurrent_config",
+        default="recurrent_depth_chains",
+        help="config of the recurrent model (e.g. recurrent_depth_chains_stable for stable injection)",
+    )
+    p.add_argument(
+        "--models", default=",".join(r[0] for r in RUNS), help=f"comma-separated runs, of {[r[0] for r in RUNS]}"
+    )
+    p.add_argument(
         "--cpu_threads", type=int, default=0, help="pin to this many CPUs (XLA:CPU numerics depend on it); 0: all"
     )
     args, rest = p.parse_known_args(argv)
+    chosen = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(chosen) - {r[0] for r in RUNS})
+    if unknown or "recurrent_depth" not in chosen:
+        p.error(f"--models: unknown run(s) {unknown} or no recurrent_depth; choose from {[r[0] for r in RUNS]}")
+    if not (ROOT / "configs" / f"{args.recurrent_config}.py").is_file():
+        p.error(f"--recurrent_config: no file configs/{args.recurrent_config}.py")
     overrides = parse_overrides(rest)
     cpu_threads = pin_cpu_threads(args.cpu_threads)  # before JAX starts its CPU backend
 
@@ -67,6 +81,10 @@ def main(argv=None) -> int:
     results: dict = {"loops": loops, "models": {}, "cpu_threads": cpu_threads}
     print(f"XLA:CPU intra-op threads: {cpu_threads}", flush=True)
     for key, config_name, extra, label in RUNS:
+        if key not in chosen:
+            continue
+        if key == "recurrent_depth":
+            config_name = args.recurrent_config
         run_overrides = {"train.output_dir": f"runs/{args.name}/{key}", **extra, **overrides}
         if args.steps:
             run_overrides["train.num_steps"] = str(args.steps)
@@ -167,7 +185,7 @@ def plot(results: dict, path: Path) -> None:
 
     models = results["models"]
     rd = models["recurrent_depth"]
-    equal = models["fixed_depth_equal_params"]
+    equal = models.get("fixed_depth_equal_params")
     splits = list(rd["accuracy"])
     hops = [int(s.replace("test_h", "")) for s in splits]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -175,7 +193,8 @@ def plot(results: dict, path: Path) -> None:
     for j, s in enumerate(splits):
         color = cmap(j / max(len(splits) - 1, 1))
         ax.plot(results["loops"], rd["accuracy"][s], "o-", color=color, label=f"{hops[j]} hops")
-        ax.axhline(equal["accuracy"][s], color=color, ls=":", lw=1)
+        if equal is not None:
+            ax.axhline(equal["accuracy"][s], color=color, ls=":", lw=1)
     ax.axvline(rd["trained_mean_loops"], color="grey", ls="--", lw=1, label="trained mean loops")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("test-time loops")

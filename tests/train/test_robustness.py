@@ -111,6 +111,11 @@ def test_rollback_policy_restores_and_lowers_the_learning_rate(data_cfg, tmp_pat
     assert calls["n"] == 1 and history["rollbacks"] == 1
     assert int(state.step) == 8 and _finite(state.params)
     assert history["train"]["learning_rate"] == pytest.approx(0.5 * float(t.schedule(7)))
+    # The lowered rate reaches the updates: steps 5-8 redone at half the rate end elsewhere than a
+    # run that never went bad (which the rollback run would equal bitwise without the lower rate).
+    straight, _ = Trainer(_cfg(data_cfg, tmp_path / "straight"), mesh=single_device_mesh(), log=False).fit()
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), state.params, straight.params))
+    assert max(diffs) > 1e-6
 
 
 def test_nan_from_a_huge_learning_rate_never_reaches_a_checkpoint(data_cfg, tmp_path):
