@@ -97,6 +97,11 @@ class TrainConfig:
     # Wall-clock budget of one Trainer.fit call in minutes (0 = none): training stops after the first
     # step that ends past it, with that step logged, checkpointed (if enabled) and returned.
     max_minutes: float = 0.0
+    # Recurrence curriculum (McLeish et al. 2025): with N > 0 steps, models with a sampled loop count
+    # (recurrent_depth) draw it around a mean that rises linearly from mean_loops_ramp_start to
+    # model.mean_loops over the first N steps. 0 = a fixed mean (the default behaviour).
+    mean_loops_ramp_steps: int = 0
+    mean_loops_ramp_start: float = 1.0
     # Non-finite guard (checked inside the jitted step): "stop" ends the run with an error naming the
     # step and metric, keeping the last good checkpoint; "skip" drops the update and stops after
     # `max_consecutive_skips` bad steps in a row; "rollback" restores the last good checkpoint and
@@ -141,6 +146,8 @@ class TrainConfig:
         check_field(self.global_batch_size >= 1, "train.global_batch_size", ">= 1", self.global_batch_size)
         check_field(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
         check_field(self.eval_every >= 0, "train.eval_every", ">= 0", self.eval_every)
+        check_field(self.mean_loops_ramp_steps >= 0, "train.mean_loops_ramp_steps", ">= 0", self.mean_loops_ramp_steps)
+        check_field(self.mean_loops_ramp_start >= 1, "train.mean_loops_ramp_start", ">= 1", self.mean_loops_ramp_start)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,10 @@
 
 Formats: ``safetensors`` (every family: flat dotted names + manifest.json), ``huginn_raven``
 (recurrent depth: the Hugging Face layout of Huginn-0125, sharded, streamed shard by shard),
-``stablehlo`` (recurrent depth: jax.export serving artifact, see looped_jax.export.load_serving).
+``stablehlo`` (recurrent depth: jax.export serving artifact, see looped_jax.export.load_serving),
+``hrm`` / ``trm`` (the official sapientinc/HRM and TinyRecursiveModels checkpoint layout: a
+torch state_dict ``step_<N>`` with ``_orig_mod.`` prefixes + ``all_config.yaml``; without torch
+installed, ``step_<N>.safetensors`` with the same names; see looped_jax.export.hrm_trm).
 Every output directory gets a ``manifest.json`` (config, parameter count, per-tensor sha256,
 source step).
 """
@@ -18,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-FORMATS = ("safetensors", "huginn_raven", "stablehlo")
+FORMATS = ("safetensors", "huginn_raven", "stablehlo", "hrm", "trm")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -29,6 +32,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--ema", action="store_true", help="export the EMA weights (optim.ema_decay > 0)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ap.add_argument("--max_shard_bytes", type=int, default=5 * 2**30, help="huginn_raven shard size")
+    ap.add_argument("--no_compile_prefix", action="store_true", help="hrm/trm: keys without torch.compile's _orig_mod.")
     args = ap.parse_args(argv)
 
     from looped_jax.export import read_training_checkpoint, save_params_safetensors
@@ -39,6 +43,22 @@ def main(argv: list[str] | None = None) -> Path:
     if args.format == "safetensors":
         out = save_params_safetensors(
             args.out, ck.model_cfg, ck.params, step=ck.step, source=ck.path, weights=ck.weights
+        )
+    elif args.format in ("hrm", "trm"):
+        from looped_jax.export import ExportError
+        from looped_jax.export.hrm_trm import export_official
+
+        if ck.model_cfg.name != args.format:
+            raise ExportError(f"--format {args.format} needs a {args.format} checkpoint, not {ck.model_cfg.name}")
+        out = export_official(
+            args.out,
+            ck.model_cfg,
+            ck.params,
+            step=ck.step,
+            source=ck.path,
+            weights=ck.weights,
+            compiled_prefix=not args.no_compile_prefix,
+            train_config=_train_fields(ck.config),
         )
     elif args.format == "stablehlo":
         from looped_jax.export.stablehlo import export_serving
@@ -58,6 +78,20 @@ def main(argv: list[str] | None = None) -> Path:
         )
     print(f"wrote {args.format} to {out} in {time.perf_counter() - t0:.1f}s", flush=True)
     return Path(out)
+
+
+def _train_fields(config: dict) -> dict:
+    """PretrainConfig fields we know from our experiment config (the rest keep the published defaults)."""
+    optim, train = config.get("optim") or {}, config.get("train") or {}
+    known = {
+        "global_batch_size": train.get("global_batch_size"),
+        "lr": optim.get("learning_rate"),
+        "lr_warmup_steps": optim.get("warmup_steps"),
+        "weight_decay": optim.get("weight_decay"),
+        "beta1": optim.get("b1"),
+        "beta2": optim.get("b2"),
+    }
+    return {k: v for k, v in known.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 if __name__ == "__main__":

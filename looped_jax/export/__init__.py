@@ -5,6 +5,8 @@
   without their optimizer state (optionally onto another mesh).
 - ``huginn_raven``: the Hugging Face layout of Huginn-0125 (recurrent depth), both ways.
 - ``stablehlo``: serialized ``jax.export`` serving artifacts and ``load_serving``.
+- ``torch_pickle``: torch ``state_dict`` files read without torch (restricted unpickler) and written.
+- ``hrm_trm``: the official HRM / TRM training checkpoints (torch pickle + all_config.yaml), both ways.
 
 Names are imported lazily, so ``load_serving`` runs without importing any model code.
 """
@@ -24,6 +26,11 @@ _LAZY = {
     "save_params_safetensors": "params",
     "export_huginn_raven": "huginn_raven",
     "import_huginn_raven": "huginn_raven",
+    "export_official": "hrm_trm",
+    "import_official": "hrm_trm",
+    "read_state_dict": "torch_pickle",
+    "read_torch_pickle": "torch_pickle",
+    "write_state_dict": "torch_pickle",
     "export_serving": "stablehlo",
     "load_serving": "stablehlo",
 }

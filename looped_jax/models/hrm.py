@@ -14,7 +14,8 @@ f_H runs without gradient; the carry is detached between segments. f_L and f_H a
 stacks of post-norm blocks (h = rms(h + sublayer(h)), RMSNorm without scale, eps 1e-5, f32),
 SwiGLU, no biases, RoPE or learned positions, non-causal attention, truncated LeCun-normal
 init; tokens are embedded with std 1/sqrt(D) and scaled by sqrt(D). Initial states are fixed
-truncated-normal vectors (untrained; drawn from ``init_state_seed``, not parameters). Halting
+truncated-normal vectors (untrained; drawn from ``init_state_seed``, not parameters; or given
+exactly by ``init_states``, as an imported official checkpoint's H_init / L_init buffers). Halting
 and deep supervision live in ``looped_jax.models.act``. ``RecursiveReasoner`` holds the
 embedding / heads / ACT plumbing that TRM (``models/trm.py``) shares.
 """
@@ -85,6 +86,9 @@ def validate_reasoner_fields(cfg) -> None:
     _check(0 <= cfg.halt_exploration_prob <= 1, "halt_exploration_prob", "in [0, 1]", cfg.halt_exploration_prob)
     _check(cfg.loss_type in ("stablemax", "softmax"), "loss_type", "'stablemax' or 'softmax'", cfg.loss_type)
     _check(cfg.dtype in ("float32", "bfloat16"), "dtype", "'float32' or 'bfloat16'", cfg.dtype)
+    if cfg.init_states:
+        lens = [len(v) for v in cfg.init_states]
+        _check(lens == [cfg.d_model] * 2, "init_states", f"() or two vectors of d_model={cfg.d_model} floats", lens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +116,7 @@ class HRMConfig:
     halt_exploration_prob: float = 0.1
     loss_type: str = "stablemax"
     init_state_seed: int = 0  # seed of the fixed initial states
+    init_states: tuple[tuple[float, ...], ...] = ()  # exact (z_H, z_L) initial vectors; () = from the seed
     dtype: str = "float32"  # compute dtype (the paper trains in bfloat16); params and states float32
 
     def __post_init__(self):
@@ -155,7 +160,11 @@ class RecursiveReasoner(nnx.Module):
     # -- pieces ---------------------------------------------------------------------------------
 
     def init_states(self) -> tuple[jax.Array, jax.Array]:
-        """Fixed (z_H, z_L) initial vectors [D]: truncated normal, std 1, cut at +-2 std."""
+        """Fixed (z_H, z_L) initial vectors [D]: ``cfg.init_states`` when given, else truncated
+        normal (std 1, cut at +-2 std) drawn from ``cfg.init_state_seed``."""
+        if self.cfg.init_states:
+            z_h, z_l = (jnp.asarray(v, jnp.float32) for v in self.cfg.init_states)
+            return z_h, z_l
         k_h, k_l = jax.random.split(jax.random.key(self.cfg.init_state_seed))
         d = self.cfg.d_model
         return lecun_truncated(k_h, (d,), 1), lecun_truncated(k_l, (d,), 1)

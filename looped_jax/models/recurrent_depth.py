@@ -32,6 +32,7 @@ from looped_jax.nn import (
     Embed,
     KVCache,
     RMSNorm,
+    Unembed,
     apply_stack,
     param,
     resolve_dtype,
@@ -74,6 +75,14 @@ class RecurrentDepthConfig:
     # spectral radius < 1 by construction. False: the paper's adapter A([s; e]) (bit-identical to
     # before the option existed).
     stable_injection: bool = False
+    # Retrofitted-transformer layout (scripts/retrofit.py; McLeish et al. 2025): the defaults are the
+    # Huginn layout above. "pre" blocks (x + Attn(n(x))), no q/k bias, no sqrt(d) embedding scale,
+    # an untied output head, and no RMSNorm between the last core state and the coda.
+    norm_style: str = "sandwich"
+    qk_bias: bool = True
+    scale_embeddings: bool = True
+    tie_embeddings: bool = True
+    coda_input_norm: bool = True
 
     def __post_init__(self):
         _check(self.name == "recurrent_depth", "name", "'recurrent_depth'", self.name)
@@ -90,6 +99,7 @@ class RecurrentDepthConfig:
         _check(self.rope_theta > 0, "rope_theta", "> 0", self.rope_theta)
         _check(self.norm_eps > 0, "norm_eps", "> 0", self.norm_eps)
         _check(self.dtype in ("float32", "bfloat16"), "dtype", "'float32' or 'bfloat16'", self.dtype)
+        _check(self.norm_style in ("sandwich", "pre"), "norm_style", "'sandwich' or 'pre'", self.norm_style)
         _check(
             self.remat_policy == "" or self.remat_policy in REMAT_POLICIES,
             "remat_policy",
@@ -113,10 +123,10 @@ class RecurrentDepthConfig:
             num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim,
             mlp_dim=self.mlp_dim,
-            norm_style="sandwich",
+            norm_style=self.norm_style,
             norm_eps=self.norm_eps,
             mask_kind="causal",
-            qk_bias=True,
+            qk_bias=self.qk_bias,
             rope_theta=self.rope_theta,
             dtype=self.dtype,
         )
@@ -196,13 +206,16 @@ class RecurrentDepthModel(TokenModel, nnx.Module):
         self.core = RecurrentCore(cfg, init_std=std, out_init_std=out_std, rngs=rngs)
         self.coda = make(cfg.num_coda_layers)
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.unembed = Unembed(cfg.d_model, cfg.vocab_size, init_std=std, dtype=resolve_dtype(cfg.dtype), rngs=rngs)
 
     # ----------------------------------------------------------------------------------------
     # Pieces, shared with cached generation.
 
     def embed_tokens(self, inputs_BT: jax.Array) -> jax.Array:
-        """gamma * E(x) with gamma = sqrt(d), in the float32 residual stream."""
-        return self.embed(inputs_BT).astype(jnp.float32) * math.sqrt(self.cfg.d_model)
+        """gamma * E(x) with gamma = sqrt(d) (1 without ``scale_embeddings``), in the float32 residual stream."""
+        e_BTD = self.embed(inputs_BT).astype(jnp.float32)
+        return e_BTD * math.sqrt(self.cfg.d_model) if self.cfg.scale_embeddings else e_BTD
 
     def initial_state(self, e_BTD: jax.Array, rng: jax.Array | None) -> jax.Array:
         """s_0: truncated normal with std sqrt(2/5) * init_scale (cut at 3 std); zeros when
@@ -212,7 +225,8 @@ class RecurrentDepthModel(TokenModel, nnx.Module):
         return truncated_normal(rng, e_BTD.shape, STATE_INIT_STD * self.cfg.init_scale)
 
     def head(self, x_BTD: jax.Array) -> jax.Array:
-        return self.embed.attend(self.final_norm(x_BTD))
+        x_BTD = self.final_norm(x_BTD)
+        return self.embed.attend(x_BTD) if self.cfg.tie_embeddings else self.unembed(x_BTD)
 
     def core_step_fn(self):
         """(step, params): pure ``step(params, s_BTD, (e_BTD, positions_BT, segment_ids_BT))``."""
@@ -226,13 +240,18 @@ class RecurrentDepthModel(TokenModel, nnx.Module):
         return step, params
 
     def readout_fn(self, positions_BT: jax.Array, segment_ids_BT: jax.Array | None):
-        """(readout, params): pure ``readout(params, s_BTD) -> logits``: norm, coda, norm, tied head."""
-        graphdefs, params = zip(*(nnx.split(m) for m in (self.coda, self.final_norm, self.embed)), strict=True)
+        """(readout, params): pure ``readout(params, s_BTD) -> logits``: norm, coda, norm, tied head
+        (without ``coda_input_norm`` the first norm is skipped; without ``tie_embeddings`` the head
+        is the untied ``unembed``)."""
+        cfg = self.cfg
+        head = self.embed if cfg.tie_embeddings else self.unembed
+        graphdefs, params = zip(*(nnx.split(m) for m in (self.coda, self.final_norm, head)), strict=True)
 
         def readout(params, s_BTD):
-            coda, norm, embed = (nnx.merge(g, p) for g, p in zip(graphdefs, params, strict=True))
-            x_BTD, _ = apply_stack(coda, norm(s_BTD), positions_BT, segment_ids_BT)
-            return embed.attend(norm(x_BTD))
+            coda, norm, head = (nnx.merge(g, p) for g, p in zip(graphdefs, params, strict=True))
+            x_BTD, _ = apply_stack(coda, norm(s_BTD) if cfg.coda_input_norm else s_BTD, positions_BT, segment_ids_BT)
+            x_BTD = norm(x_BTD)
+            return head.attend(x_BTD) if cfg.tie_embeddings else head(x_BTD)
 
         return readout, params
 
@@ -298,26 +317,39 @@ class RecurrentDepthModel(TokenModel, nnx.Module):
         )
         return self._logits(s_BTD, positions_BT, segment_ids_BT), s_BTD
 
-    def sample_num_loops(self, rng: jax.Array) -> jax.Array:
+    def sample_num_loops(self, rng: jax.Array, mean_loops: jax.Array | None = None) -> jax.Array:
         """r = Poisson(e^tau) + 1, tau ~ N(log max(r_bar, k) - sigma^2 / 2, sigma) (Eq. 2 with the
-        reference's max(r_bar, k), k = grad_steps); int32 scalar."""
+        reference's max(r_bar, k), k = grad_steps); int32 scalar. ``mean_loops`` (a traced float,
+        e.g. a recurrence curriculum's current mean) replaces r_bar = cfg.mean_loops."""
         cfg = self.cfg
         tau_key, poisson_key = jax.random.split(rng)
         # The reference (randomized_iteration_sampler) centres on log(t + s) with t = max(r_bar - k, 0),
         # s = k: log(max(r_bar, k)), which differs from log(r_bar) when grad_steps > mean_loops.
-        mu = math.log(max(cfg.mean_loops, cfg.grad_steps)) - cfg.loop_sigma**2 / 2
+        if mean_loops is None:
+            mu = math.log(max(cfg.mean_loops, cfg.grad_steps)) - cfg.loop_sigma**2 / 2
+        else:
+            mu = jnp.log(jnp.maximum(jnp.asarray(mean_loops, jnp.float32), cfg.grad_steps)) - cfg.loop_sigma**2 / 2
         tau = mu + cfg.loop_sigma * jax.random.normal(tau_key, (), jnp.float32)
         r = jax.random.poisson(poisson_key, jnp.exp(tau), (), jnp.int32) + 1
         if cfg.max_train_loops:
             r = jnp.minimum(r, cfg.max_train_loops)
         return r.astype(jnp.int32)
 
-    def loss(self, batch: dict, *, rng: jax.Array, train: bool = True, carry: None = None) -> LossOutput:
+    def loss(
+        self,
+        batch: dict,
+        *,
+        rng: jax.Array,
+        train: bool = True,
+        carry: None = None,
+        mean_loops: jax.Array | None = None,
+    ) -> LossOutput:
         """Weighted next-token cross-entropy (stateless: ``carry`` is unused). Training samples r
-        from ``rng``; evaluation uses ``eval_loops``. s_0 noise also comes from ``rng``, so a step
-        is reproducible everywhere."""
+        from ``rng`` (mean ``mean_loops`` when given: the trainer's recurrence curriculum);
+        evaluation uses ``eval_loops``. s_0 noise also comes from ``rng``, so a step is
+        reproducible everywhere."""
         loop_key, state_key = jax.random.split(rng)
-        num_loops = self.sample_num_loops(loop_key) if train else self.cfg.default_eval_loops
+        num_loops = self.sample_num_loops(loop_key, mean_loops) if train else self.cfg.default_eval_loops
         logits_BTV, _ = self.forward(
             batch["inputs"],
             positions_BT=batch.get("positions"),

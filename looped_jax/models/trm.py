@@ -66,6 +66,7 @@ class TRMConfig:
     halt_exploration_prob: float = 0.1
     loss_type: str = "stablemax"
     init_state_seed: int = 0
+    init_states: tuple[tuple[float, ...], ...] = ()  # exact (y, z) initial vectors; () = from the seed
     dtype: str = "float32"
 
     def __post_init__(self):

@@ -136,6 +136,8 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, log: bool = True):
         self.cfg = cfg
+        if cfg.train.mean_loops_ramp_steps > 0 and not hasattr(cfg.model, "mean_loops"):
+            raise ValueError(f"train.mean_loops_ramp_steps needs a model with mean_loops; {cfg.model.name!r} has none")
         self.mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh)
         self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.num_steps)
         self.base_key = jax.random.key(cfg.train.seed)
@@ -204,8 +206,14 @@ class Trainer:
     def _train_step(self, state: TrainState, batch: dict, lr_scale=None) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(self.base_key, state.step)
 
+        extra = {}
+        ramp = self.cfg.train.mean_loops_ramp_steps
+        if ramp > 0:  # recurrence curriculum: a linear ramp of the mean loop count (traced, one compile)
+            start, target = self.cfg.train.mean_loops_ramp_start, float(self.cfg.model.mean_loops)
+            extra["mean_loops"] = start + (target - start) * jnp.minimum(state.step.astype(jnp.float32) / ramp, 1.0)
+
         def loss_fn(params):
-            out = self.model(params).loss(batch, rng=rng, train=True, carry=state.carry)
+            out = self.model(params).loss(batch, rng=rng, train=True, carry=state.carry, **extra)
             return out.loss, (out.metrics, out.carry)
 
         (_, (metrics, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

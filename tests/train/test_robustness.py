@@ -130,19 +130,37 @@ def test_nan_from_a_huge_learning_rate_never_reaches_a_checkpoint(data_cfg, tmp_
     ckpt.close()
 
 
-def test_sigterm_saves_the_current_step_and_resume_is_exact(data_cfg, tmp_path):
+@pytest.mark.parametrize("during", ["step", "async_save"])
+def test_sigterm_saves_the_current_step_and_resume_is_exact(data_cfg, tmp_path, during):
     straight, _ = Trainer(_cfg(data_cfg, tmp_path / "a", save_every=0), mesh=single_device_mesh(), log=False).fit()
 
     class _KillAt(Trainer):
         def global_batch(self, batch):
             self.calls = getattr(self, "calls", 0) + 1
-            if self.calls == 3:  # while the third step runs
+            if during == "step" and self.calls == 3:  # while the third step runs
                 os.kill(os.getpid(), signal.SIGTERM)
             return super().global_batch(batch)
 
-    cfg = _cfg(data_cfg, tmp_path / "b", save_every=0)
-    _, history = _KillAt(cfg, mesh=single_device_mesh(), log=False).fit()
+    cfg = _cfg(data_cfg, tmp_path / "b", save_every=2 if during == "async_save" else 0)
+    cfg = cfg.__class__(**{**cfg.__dict__, "checkpoint": cfg.checkpoint.__class__(
+        save_every=cfg.checkpoint.save_every, keep=10, async_save=during == "async_save")})  # fmt: skip
+    orig_save = Checkpointer.save
+
+    def save_then_signal(self, step, *a, **kw):  # the signal lands while the async save of step 2 is in flight
+        out = orig_save(self, step, *a, **kw)
+        if during == "async_save" and step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    Checkpointer.save = save_then_signal
+    try:
+        _, history = _KillAt(cfg, mesh=single_device_mesh(), log=False).fit()
+    finally:
+        Checkpointer.save = orig_save
     assert history["stopped_by"] == "signal" and history["signal"] == "SIGTERM" and history["steps"] == 3
+    ckpt = Checkpointer(tmp_path / "b" / "checkpoints", async_save=False)
+    assert ckpt.all_steps() == ([2, 3] if during == "async_save" else [3])
+    ckpt.close()
     resumed, _ = Trainer(cfg, mesh=single_device_mesh(), log=False).fit()
     assert int(resumed.step) == 8
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params), jax.device_get(straight.params))
