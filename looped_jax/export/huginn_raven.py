@@ -59,6 +59,20 @@ def to_huginn_config(cfg: RecurrentDepthConfig, *, block_size: int = 4096, torch
         raise ExportError(f"huginn_raven has no grouped-query attention: num_kv_heads={cfg.num_kv_heads} != num_heads")
     if cfg.head_dim * cfg.num_heads != cfg.d_model:
         raise ExportError(f"huginn_raven needs head_dim * num_heads == d_model, got {cfg.head_dim} * {cfg.num_heads}")
+    published = dict(
+        norm_style="sandwich",
+        qk_bias=True,
+        scale_embeddings=True,
+        tie_embeddings=True,
+        coda_input_norm=True,
+        stable_injection=False,
+    )
+    for field, want in published.items():
+        if getattr(cfg, field, want) != want:
+            raise ExportError(
+                f"huginn_raven has no model.{field}={getattr(cfg, field)!r} (the published layout has {want!r}); "
+                "export this model with --format safetensors or stablehlo instead"
+            )
     n = cfg.num_prelude_layers + cfg.num_core_layers + cfg.num_coda_layers
     return {
         "architectures": ["RavenForCausalLM"],

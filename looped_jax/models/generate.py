@@ -122,15 +122,24 @@ def _core_step_fn(model: RecurrentDepthModel, num_slots: int, latest: bool = Tru
 
 def _readout_fn(model: RecurrentDepthModel, positions_BT, segment_ids_BT, coda_caches, cache_index):
     """(readout, params): ``readout(params, s_BTD) -> (logits_BTV, coda caches)``, the coda and
-    tied head reading and writing ``coda_caches`` at ``cache_index``."""
-    graphdefs, params = zip(*(nnx.split(m) for m in (model.coda, model.final_norm, model.embed)), strict=True)
+    head reading and writing ``coda_caches`` at ``cache_index`` -- the same pieces, in the same
+    order, as `RecurrentDepthModel.readout_fn` (coda input norm and tied head where configured)."""
+    cfg = model.cfg
+    head = model.embed if cfg.tie_embeddings else model.unembed
+    graphdefs, params = zip(*(nnx.split(m) for m in (model.coda, model.final_norm, head)), strict=True)
 
     def readout(params, s_BTD):
-        coda, norm, embed = (nnx.merge(g, p) for g, p in zip(graphdefs, params, strict=True))
+        coda, norm, head = (nnx.merge(g, p) for g, p in zip(graphdefs, params, strict=True))
         x_BTD, caches = apply_stack(
-            coda, norm(s_BTD), positions_BT, segment_ids_BT, caches=list(coda_caches), cache_index=cache_index
+            coda,
+            norm(s_BTD) if cfg.coda_input_norm else s_BTD,
+            positions_BT,
+            segment_ids_BT,
+            caches=list(coda_caches),
+            cache_index=cache_index,
         )
-        return embed.attend(norm(x_BTD)), tuple(caches)
+        x_BTD = norm(x_BTD)
+        return (head.attend(x_BTD) if cfg.tie_embeddings else head(x_BTD)), tuple(caches)
 
     return readout, params
 

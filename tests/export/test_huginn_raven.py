@@ -86,3 +86,17 @@ def test_export_import_bit_exact_and_layout_equals_official(imported, tmp_path):
 def _tensor(d, name):
     idx = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
     return read_safetensors(d / idx[name])[name]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("norm_style", "pre"), ("tie_embeddings", False), ("coda_input_norm", False), ("stable_injection", True)],
+)
+def test_layouts_the_published_format_cannot_hold_are_refused(imported, tmp_path, field, value):
+    import dataclasses
+
+    from looped_jax.export.huginn_raven import ExportError
+
+    cfg, params, _, _ = imported
+    with pytest.raises(ExportError, match=rf"huginn_raven has no model.{field}={value!r}"):
+        export_huginn_raven(tmp_path / "x", dataclasses.replace(cfg, **{field: value}), params)

@@ -57,6 +57,38 @@ def test_recurrent_depth_greedy_matches_uncached():
     assert_greedy_matches_uncached(model, out, 6, num_loops=4)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(norm_style="pre", tie_embeddings=False, coda_input_norm=False, scale_embeddings=False, qk_bias=False),
+        dict(tie_embeddings=False),
+        dict(coda_input_norm=False),
+    ],
+    ids=["retrofit_layout", "untied", "no_coda_input_norm"],
+)
+def test_cached_forward_matches_uncached_logits_for_layout_options(kw):
+    """The cached path reads out like the model (coda input norm, untied head) for every layout option."""
+    model = build_model(dataclasses.replace(RD, **kw), rngs=nnx.Rngs(0))
+    # Norm scales away from 1, so skipping or doubling a norm shows in the logits.
+    graphdef, state = nnx.split(model)
+    keys = iter(jax.random.split(jax.random.key(5), 64))
+    state = jax.tree.map_with_path(
+        lambda path, x: (
+            x * jax.random.uniform(next(keys), x.shape, minval=0.3, maxval=3.0)
+            if "scale" in jax.tree_util.keystr(path)
+            else x
+        ),
+        state,
+    )
+    model = nnx.merge(graphdef, state)
+    t, loops = PROMPT.shape[1], 3
+    cache = init_recurrent_depth_cache(model, 2, t, loops)
+    logits, _, _, _ = recurrent_depth_forward_cached(
+        model, PROMPT, cache, jnp.zeros((2, t, 32)), index=jnp.int32(0), num_loops=loops
+    )
+    np.testing.assert_allclose(logits, model(PROMPT, num_loops=loops), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(share_weights=False, input_injection=True, block_repeat=2)])
 def test_looped_greedy_matches_uncached(kw):
     model = build_model(dataclasses.replace(LOOPED, **kw), rngs=nnx.Rngs(0))
