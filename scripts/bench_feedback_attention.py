@@ -1,10 +1,15 @@
 """Times TransformerFAM feedback attention: the Pallas kernel vs the XLA reference, forward and forward+backward.
 
-    python scripts/bench_feedback_attention.py                      # TPU/GPU: 4k..64k, kernel and reference
+    python scripts/bench_feedback_attention.py                      # TPU/GPU: 4k, 32k, 128k; kernel and reference
     JAX_PLATFORMS=cpu python scripts/bench_feedback_attention.py    # CPU: the reference only, short lengths
+    JAX_PLATFORMS=cpu python scripts/bench_feedback_attention.py --lengths 512 --heads 2 --kv_heads 2 \
+        --head_dim 64 --block_size 128 --memory_segments 1        # CPU smoke test of the same command (seconds)
 
 Prints one JSON object per (impl, mode, seq_len) with the median time, tokens/s, attention TFLOP/s (useful FLOPs of
-the visible scores only) and the compiled memory (``memory_analysis``) where the backend reports it.
+the visible scores only) and the compiled memory (``memory_analysis``: argument / output / temp MiB) where the
+backend reports it (GPU and TPU do); a case that fails (the dense reference out of memory at 128k) is a JSON line
+with its error. On a GPU, ``--impls pallas`` runs the Mosaic-GPU kernels forward and backward (``which_impl`` in
+the record says so), or stops with the property they do not support.
 
 With ``--aot_topology`` nothing runs: each case is compiled ahead of time for one chip of a TPU topology (needs
 libtpu, the ``tpu`` extra; works on a CPU-only machine) and the compiled temp memory per chip is tabled, a case
@@ -31,9 +36,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from looped_jax.results import MIB, Table, temp_bytes, write_results  # noqa: E402
-from pallas_kernels.feedback_attention import feedback_attention  # noqa: E402
+from pallas_kernels.feedback_attention import feedback_attention, which_impl  # noqa: E402
 
-ACCEL_LENGTHS = "4096,8192,16384,32768,65536"
+ACCEL_LENGTHS = "4096,32768,131072"
 CPU_LENGTHS = "1024,2048"
 
 
@@ -180,6 +185,10 @@ def bench_one(a: argparse.Namespace, impl: str, mode: str, T: int) -> dict:
     keys = jax.random.split(jax.random.key(0), 5)
     args = [jax.random.normal(k, s, jnp.float32).astype(dtype) for k, s in zip(keys, input_shapes(a, T), strict=True)]
     fn = bench_fn(a, impl, mode)
+    kw = dict(block_size=a.block_size, memory_segments=a.memory_segments, impl=impl)
+    if impl == "pallas":
+        kw.update(block_q=a.block_q, block_k=a.block_k, interpret=False)
+    choice = which_impl(*args, **kw)  # raises, naming the property, where impl="pallas" has no kernel
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t0
@@ -196,6 +205,8 @@ def bench_one(a: argparse.Namespace, impl: str, mode: str, T: int) -> dict:
         "impl": impl,
         "mode": mode,
         "seq_len": T,
+        "kernel": choice.impl,
+        "kernel_backward": choice.backward if mode == "fwd_bwd" else None,
         "batch": B,
         "heads": H,
         "kv_heads": G,

@@ -1,11 +1,18 @@
 """Benchmark the Titans memory update: Pallas kernel vs chunked XLA vs token-by-token scan; prints JSON lines.
 
-    python scripts/bench_memory_update.py [--lengths 1024,4096,16384,65536] [--memory linear|mlp] [--grad]
+    python scripts/bench_memory_update.py [--lengths 4096,32768,131072] [--memory linear|mlp] [--grad]
 
-One line per (implementation, length): forward time (median of --repeats after a warmup run), compile time and
-tokens/s; with --grad also forward+backward. Implementations: "kernel" (ops impl="pallas", only on TPU/GPU),
-"chunked" (ops impl="xla") and "scan" (reference.memory_update_reference: the same chunk-start-gradient recurrence
-written token by token; skipped above --max-scan-length). The last line compares chunked and scan outputs.
+One line per (implementation, length): forward time (median of --repeats after a warmup run), compile time,
+tokens/s and the compiled memory (``memory_analysis`` temp MiB, where the backend reports it: GPU and TPU do); with
+--grad also forward+backward. A case that fails (e.g. out of memory) is a JSON line with its error. On a GPU or TPU
+one command measures kernel vs XLA time and memory at 4k / 32k / 128k tokens:
+
+    python scripts/bench_memory_update.py --grad
+
+and on a CPU the same code path runs in seconds with ``--lengths 256,512`` (the kernel is not timed on CPU).
+Implementations: "kernel" (ops impl="pallas", only on TPU/GPU), "chunked" (ops impl="xla") and "scan"
+(reference.memory_update_reference: the same chunk-start-gradient recurrence written token by token; skipped above
+--max_scan_length). The last line compares chunked and scan outputs.
 On CPU the default lengths are short so the run ends in about a minute. The table (rows: length; columns: forward
 and forward+backward ms per implementation) goes to ``runs/<name>/results.md``, the JSON lines to ``results.json``:
 
@@ -37,7 +44,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from looped_jax.results import MIB, Table, temp_bytes, write_results  # noqa: E402
-from pallas_kernels.memory_update import MemoryState, memory_update, memory_update_reference  # noqa: E402
+from pallas_kernels.memory_update import (  # noqa: E402
+    MemoryState,
+    memory_update,
+    memory_update_reference,
+    which_impl,
+)
 
 
 def make_inputs(B, H, T, K, V, memory, hidden, seed=0):
@@ -68,7 +80,7 @@ def timed(fn, args, repeats):
 def main(argv=None) -> None:
     on_accel = jax.default_backend() in ("tpu", "gpu", "cuda")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_lengths = "1024,2048,4096,8192,16384,32768,65536" if on_accel else "1024,4096"
+    default_lengths = "4096,32768,131072" if on_accel else "1024,4096"
     p.add_argument("--lengths", default=default_lengths, help="comma-separated sequence lengths")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4 if on_accel else 2)
@@ -84,6 +96,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="q/k/v dtype (AOT mode)")
     p.add_argument("--max_surprise_norm", type=float, default=None, help="per-chunk surprise clip (AOT mode)")
     p.add_argument("--modes", default="fwd,fwd_bwd", help="AOT mode: fwd and/or fwd_bwd")
+    p.add_argument("--aot_impls", default="pallas,xla", help="AOT mode: pallas and/or xla")
     p.add_argument("--aot_topology", default="", help="e.g. v5e:2x2: AOT-compile for one chip of it, run nothing")
     p.add_argument("--name", default="", help="results go to runs/<name>/ (default bench_memory_update[_aot])")
     args = p.parse_args(argv)
@@ -109,27 +122,12 @@ def main(argv=None) -> None:
         for name in impls:
             if name == "scan" and T > args.max_scan_length:
                 continue
-            fn = fns[name]
-            sec, compile_s, compiled = timed(fn, inputs, args.repeats)
-            outs[name] = compiled(*inputs)[0]
-            row = {
-                "impl": name,
-                "T": T,
-                "B": args.batch,
-                "H": args.heads,
-                "d_k": args.d_k,
-                "d_v": args.d_v,
-                "chunk_size": args.chunk_size,
-                "memory": args.memory,
-                "device": device,
-                "fwd_ms": round(sec * 1e3, 3),
-                "compile_s": round(compile_s, 2),
-                "fwd_tokens_per_s": round(args.batch * args.heads * T / sec),
-            }
-            if args.grad:
-                loss = lambda *a, fn=fn: jnp.sum(fn(*a)[0])
-                gsec, gcompile, _ = timed(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)), inputs, args.repeats)
-                row.update(fwd_bwd_ms=round(gsec * 1e3, 3), fwd_bwd_compile_s=round(gcompile, 2))
+            row = {"impl": name, "T": T}
+            try:
+                row.update(bench_one(fns[name], name, inputs, T, args, device))
+                outs[name] = row.pop("_y")
+            except Exception as e:  # e.g. out of memory at 128k, or impl="pallas" without a kernel for these sizes
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             print(json.dumps(row), flush=True)
             records.append(row)
         base = outs.get("scan")
@@ -144,9 +142,44 @@ def main(argv=None) -> None:
     print("\n" + table.markdown() + f"\n\nwrote {out / 'results.md'}", file=sys.stderr, flush=True)
 
 
+def bench_one(fn, name: str, inputs, T: int, args, device: str) -> dict:
+    """Times (and measures the compiled memory of) one implementation's forward, and with --grad its gradient."""
+    choice = None
+    if name != "scan":
+        choice = which_impl(*inputs, chunk_size=args.chunk_size, memory=args.memory, impl=fn.keywords["impl"])
+    sec, compile_s, compiled = timed(fn, inputs, args.repeats)
+    row = {
+        "kernel": None if choice is None else choice.impl,
+        "B": args.batch,
+        "H": args.heads,
+        "d_k": args.d_k,
+        "d_v": args.d_v,
+        "chunk_size": args.chunk_size,
+        "memory": args.memory,
+        "device": device,
+        "fwd_ms": round(sec * 1e3, 3),
+        "compile_s": round(compile_s, 2),
+        "fwd_tokens_per_s": round(args.batch * args.heads * T / sec),
+        "fwd_temp_mib": mib(temp_bytes(compiled)),
+        "_y": compiled(*inputs)[0],
+    }
+    if args.grad:
+        loss = lambda *a: jnp.sum(fn(*a)[0].astype(jnp.float32))  # noqa: E731
+        gsec, gcompile, gcompiled = timed(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)), inputs, args.repeats)
+        row.update(fwd_bwd_ms=round(gsec * 1e3, 3), fwd_bwd_compile_s=round(gcompile, 2))
+        row.update(fwd_bwd_temp_mib=mib(temp_bytes(gcompiled)))
+        if choice is not None:
+            row["kernel_backward"] = choice.backward
+    return row
+
+
+def mib(n: int | None) -> float | None:
+    return None if n is None else round(n / MIB, 2)
+
+
 def results_table(records: list[dict], impls: list[str], args, device: str) -> Table:
     """Rows: sequence length; columns: forward (and forward+backward) milliseconds of each implementation."""
-    timed = {(r["impl"], r["T"]): r for r in records if "impl" in r}
+    timed = {(r["impl"], r["T"]): r for r in records if "impl" in r and "error" not in r}
     modes = [("fwd_ms", "forward")] + ([("fwd_bwd_ms", "fwd+bwd")] if args.grad else [])
     header = ["tokens"] + [f"{impl} {label} (ms)" for key, label in modes for impl in impls]
     rows = []
@@ -205,7 +238,7 @@ def main_aot(args) -> None:
 
     device = topology_devices(args.aot_topology)[0]
     names = {"pallas": "kernel", "xla": "chunked XLA", "fwd": "forward", "fwd_bwd": "fwd+bwd"}
-    cols = [(i, m) for i in ("pallas", "xla") for m in args.modes.split(",")]
+    cols = [(i, m) for i in args.aot_impls.split(",") for m in args.modes.split(",")]
     records = []
     for T in (int(t) for t in args.lengths.split(",")):
         for impl, mode in cols:

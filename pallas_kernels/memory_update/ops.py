@@ -1,10 +1,11 @@
 """Public entry of the Titans memory update (Behrouz et al. 2024, arXiv 2501.00663, secs. 3.1-3.2).
 
-``memory_update`` validates shapes, pads ragged sequences to whole chunks (padded tokens do not touch the memory),
-builds the per-chunk gate matrices (chunked.chunk_coefficients, plain XLA, differentiable) and runs the chunk
-recurrence either as XLA (``impl="xla"``, chunked.scan_chunks) or as a Pallas kernel (``impl="pallas"``: Mosaic TPU
-in tpu.py, the Pallas Triton backend on GPU in gpu.py), whose ``custom_vjp`` recomputes each chunk in XLA from the
-chunk-boundary states the kernel saved (a reverse ``lax.scan`` over chunks). ``impl="pallas"`` is the kernel or a
+``memory_update`` validates shapes, pads ragged sequences to whole chunks (padded tokens do not touch the memory)
+and runs the chunk recurrence either as XLA (``impl="xla"``: the per-chunk gate matrices of
+chunked.chunk_coefficients, then chunked.scan_chunks) or as a Pallas kernel (``impl="pallas"``: Mosaic TPU in
+tpu.py, which builds the C x C gate matrices in VMEM from the per-token gates; the Pallas Triton backend on GPU in
+gpu.py), whose ``custom_vjp`` recomputes each chunk, gate matrices included, in XLA from the chunk-boundary states
+the kernel saved (a reverse ``lax.scan`` over chunks). ``impl="pallas"`` is the kernel or a
 ValueError naming what it does not support; ``impl="auto"`` falls back to XLA there and logs it once per reason;
 ``which_impl`` says which without running. The kernel is chosen for ``platform`` (default
 ``jax.default_backend()``): pass ``platform="tpu"`` / ``"cuda"`` to export or AOT-compile from a CPU host.
@@ -169,7 +170,7 @@ def _validate(q, k, v, alpha, eta, theta, state0, chunk_size, memory, impl, max_
     if B < 1 or H < 1 or K < 1:
         raise ValueError(f"q_BHTK must have B, H, d_k >= 1, got shape {q.shape}")
     if T < 1:
-        raise ValueError("sequence length T must be >= 1")
+        raise ValueError(f"q_BHTK must have a sequence length T >= 1, got shape {q.shape}")
     _check_float_array("k_BHTK", k, 4, "B, H, T, d_k")
     if k.shape != q.shape:
         raise ValueError(f"k_BHTK must have the shape of q {q.shape}, got {k.shape}")
@@ -308,72 +309,85 @@ def memory_update(
         x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3), constant_values=fill)
         return x.reshape(B, H, N, C, *x.shape[3:])
 
-    valid = jnp.broadcast_to(jnp.arange(N * C) < T, (B, H, N * C)).reshape(B, H, N, C)
+    valid = jnp.broadcast_to(jnp.arange(N * C) < T, (B, H, N * C)).reshape(B, H, N, C).astype(jnp.float32)
     # padded tokens: alpha = 0, eta = 1, theta = 0, valid = 0 -> (W, S) unchanged
-    coeffs = chunked.chunk_coefficients(chunks(alpha_BHT, 0.0), chunks(eta_BHT, 1.0), chunks(theta_BHT, 0.0), valid)
+    alpha, eta, theta = chunks(alpha_BHT, 0.0), chunks(eta_BHT, 1.0), chunks(theta_BHT, 0.0)
     q, k, v = chunks(q_BHTK, 0.0), chunks(k_BHTK, 0.0), chunks(v_BHTV, 0.0)
     state0 = MemoryState(
         tuple(w.astype(jnp.float32) for w in state0.weights), tuple(s.astype(jnp.float32) for s in state0.momentum)
     )
     if choice.impl == "xla":
+        coeffs = chunked.chunk_coefficients(alpha, eta, theta, valid)
         y, final = chunked.scan_chunks(q, k, v, coeffs, state0, residual=residual, max_surprise_norm=max_surprise_norm)
     else:
+        # per-token gates, tokens on the last axis: [B, H, N, 4, C]; the TPU kernel builds the C x C matrices from
+        # them in VMEM, the GPU path gets them from chunked.chunk_coefficients (_run_kernel)
+        gates = jnp.stack([x.astype(jnp.float32) for x in (alpha, eta, theta, valid)], axis=-2)
         y, w, s = _pallas_memory(
-            q, k, v, coeffs.gt, coeffs.vec, state0.weights, state0.momentum, residual, max_surprise_norm, choice.impl
+            q, k, v, gates, state0.weights, state0.momentum, residual, max_surprise_norm, choice.impl
         )
         final = MemoryState(w, s)
     y = y.reshape(B, H, N * C, V)[:, :, :T]
     return y.astype(q_BHTK.dtype), final
 
 
-def _run_kernel(q, k, v, gt, vec, weights, momentum, residual, max_norm, kernel, save_boundaries):
+def _coefficients(gates_BHN4C):
+    """chunked.chunk_coefficients of the kernels' gate array (rows alpha, eta, theta, valid)."""
+    return chunked.chunk_coefficients(*(gates_BHN4C[..., r, :] for r in range(4)))
+
+
+def _run_kernel(q, k, v, gates, weights, momentum, residual, max_norm, kernel, save_boundaries):
     """The kernel chosen at trace time (``_choose``): the TPU kernel code compiled by Mosaic ("pallas_tpu") or run
-    in the Pallas interpreter ("pallas_interpret"), or the Triton GPU kernel ("pallas_gpu").
+    in the Pallas interpreter ("pallas_interpret"), which builds the gate matrices in VMEM from the per-token gates,
+    or the Triton GPU kernel ("pallas_gpu"), which reads them precomputed by XLA.
     Returns ``(y, w_end, s_end, w_chunk_starts, s_chunk_starts)``."""
     from pallas_kernels.memory_update import gpu, tpu
 
     kw = dict(residual=residual, max_surprise_norm=max_norm, save_boundaries=save_boundaries)
-    args = (q, k, v, gt, vec, tuple(weights), tuple(momentum))
+    state = (tuple(weights), tuple(momentum))
     if kernel == "pallas_gpu":
-        return gpu.memory_update_gpu(*args, **kw)
+        coeffs = _coefficients(gates)
+        return gpu.memory_update_gpu(q, k, v, coeffs.gt, coeffs.vec, *state, **kw)
     if kernel in ("pallas_tpu", "pallas_interpret"):
-        return tpu.memory_update_tpu(*args, interpret=kernel == "pallas_interpret", **kw)
+        return tpu.memory_update_tpu(q, k, v, gates, *state, interpret=kernel == "pallas_interpret", **kw)
     raise AssertionError(f"unknown kernel {kernel!r}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _pallas_memory(q, k, v, gt, vec, weights, momentum, residual, max_norm, kernel):
-    y, w, s, _, _ = _run_kernel(q, k, v, gt, vec, weights, momentum, residual, max_norm, kernel, False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _pallas_memory(q, k, v, gates, weights, momentum, residual, max_norm, kernel):
+    y, w, s, _, _ = _run_kernel(q, k, v, gates, weights, momentum, residual, max_norm, kernel, False)
     return y, w, s
 
 
-def _pallas_fwd(q, k, v, gt, vec, weights, momentum, residual, max_norm, kernel):
-    y, w, s, w_bounds, s_bounds = _run_kernel(q, k, v, gt, vec, weights, momentum, residual, max_norm, kernel, True)
-    return (y, w, s), (q, k, v, gt, vec, w_bounds, s_bounds)
+def _pallas_fwd(q, k, v, gates, weights, momentum, residual, max_norm, kernel):
+    y, w, s, w_bounds, s_bounds = _run_kernel(q, k, v, gates, weights, momentum, residual, max_norm, kernel, True)
+    return (y, w, s), (q, k, v, gates, w_bounds, s_bounds)
 
 
 def _pallas_bwd(residual, max_norm, kernel, res, cts):
-    """Reverse scan over chunks: re-run each chunk in XLA from its saved start state and pull the cotangents back."""
+    """Reverse scan over chunks: re-run each chunk in XLA (its gate matrices included, so no [B, H, N, C, C] array
+    is kept) from its saved start state and pull the cotangents back."""
     del kernel
-    q, k, v, gt, vec, w_bounds, s_bounds = res
+    q, k, v, gates, w_bounds, s_bounds = res
     dy, dw, ds = cts
     dy = dy.astype(jnp.float32)  # the TPU kernel writes y in q's dtype; chunk_math's y is f32
     to_n = lambda x: jnp.moveaxis(x, 2, 0)
-    xs = tuple(map(to_n, (q, k, v, gt, vec, dy))) + (tuple(map(to_n, w_bounds)), tuple(map(to_n, s_bounds)))
+    xs = tuple(map(to_n, (q, k, v, gates, dy))) + (tuple(map(to_n, w_bounds)), tuple(map(to_n, s_bounds)))
+
+    def chunk(w, s, qq, kk, vv, g):
+        gt, vec = _coefficients(g)
+        return chunked.batched_chunk_math(w, s, qq, kk, vv, gt, vec, residual=residual, max_surprise_norm=max_norm)
 
     def step(carry, x):
         dw_next, ds_next = carry
-        q_c, k_c, v_c, gt_c, vec_c, dy_c, w_c, s_c = x
-        fn = lambda w, s, qq, kk, vv, g, ve: chunked.batched_chunk_math(
-            w, s, qq, kk, vv, g, ve, residual=residual, max_surprise_norm=max_norm
-        )
-        _, vjp = jax.vjp(fn, w_c, s_c, q_c, k_c, v_c, gt_c, vec_c)
-        dw_c, ds_c, dq, dk, dv, dgt, dvec = vjp((dy_c, list(dw_next), list(ds_next)))
-        return (tuple(dw_c), tuple(ds_c)), (dq, dk, dv, dgt, dvec)
+        q_c, k_c, v_c, g_c, dy_c, w_c, s_c = x
+        _, vjp = jax.vjp(chunk, w_c, s_c, q_c, k_c, v_c, g_c)
+        dw_c, ds_c, dq, dk, dv, dg = vjp((dy_c, list(dw_next), list(ds_next)))
+        return (tuple(dw_c), tuple(ds_c)), (dq, dk, dv, dg)
 
     (dw0, ds0), grads = lax.scan(step, (tuple(dw), tuple(ds)), xs, reverse=True)
-    dq, dk, dv, dgt, dvec = (jnp.moveaxis(g, 0, 2) for g in grads)
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dgt, dvec, dw0, ds0)
+    dq, dk, dv, dg = (jnp.moveaxis(g, 0, 2) for g in grads)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, dw0, ds0)
 
 
 _pallas_memory.defvjp(_pallas_fwd, _pallas_bwd)

@@ -1,5 +1,6 @@
-"""Dispatch of both Pallas ops (issue 18): which_impl, loud impl="pallas", logged impl="auto" fallbacks, and
-input checks. The target platform is passed explicitly, so the CUDA / TPU decisions are checked on a CPU host."""
+"""Dispatch of both Pallas ops (issue 18): which_impl, loud impl="pallas" and logged impl="auto" fallbacks
+(input checks: test_kernel_inputs.py). The target platform is passed explicitly, so the CUDA / TPU decisions are
+checked on a CPU host."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from pallas_kernels import dispatch
 from pallas_kernels.feedback_attention import feedback_attention
 from pallas_kernels.feedback_attention import ops as fam_ops
-from pallas_kernels.memory_update import MemoryState, memory_retrieve, memory_update
+from pallas_kernels.memory_update import MemoryState, memory_update
 from pallas_kernels.memory_update import ops as mem_ops
 
 
@@ -163,110 +164,3 @@ def test_memory_update_auto_fallback_runs_xla_and_logs_once(caplog):
                 np.testing.assert_array_equal(a, b)
         memory_update(*args, chunk_size=3, impl="auto")  # CPU: no fallback line
     assert len(caplog.records) == 1 and "chunk_size=3" in caplog.records[0].getMessage()
-
-
-# -------------------------------------------------------------------------------------------- bad inputs
-def _fam_call(**over):
-    q, k, v, fk, fv = fam_arrays()
-    a = dict(q=q, k=k, v=v, fk=fk, fv=fv)
-    kw = dict(block_size=16, memory_segments=1)
-    for name, val in over.items():
-        (a if name in a else kw)[name] = val(a[name]) if callable(val) and name in a else val
-    return lambda: feedback_attention(a["q"], a["k"], a["v"], a["fk"], a["fv"], **kw)
-
-
-def _mem_call(fn=memory_update, **over):
-    q, k, v, al, et, th, st = mem_arrays()
-    a = dict(q=q, k=k, v=v, alpha=al, eta=et, theta=th, state=st)
-    kw = dict(chunk_size=4)
-    for name, val in over.items():
-        (a if name in a else kw)[name] = val(a[name]) if callable(val) and name in a else val
-    return lambda: fn(*a.values(), **kw)
-
-
-f16 = lambda x: x.astype(jnp.float16)
-i32 = lambda x: x.astype(jnp.int32)
-BAD_INPUTS = {  # name -> (call, the message it must raise)
-    "fam_sm_scale_inf": (_fam_call(sm_scale=float("inf")), "sm_scale must be a finite float > 0"),
-    "fam_sm_scale_nan": (_fam_call(sm_scale=float("nan")), "sm_scale must be a finite float > 0"),
-    "fam_batch_0": (
-        _fam_call(q=lambda x: x[:0], k=lambda x: x[:0], v=lambda x: x[:0], fk=lambda x: x[:0], fv=lambda x: x[:0]),
-        r"q_BTHK must have B, T, H, K >= 1",
-    ),  # fmt: skip
-    "fam_head_dim_0": (
-        _fam_call(
-            q=lambda x: x[..., :0],
-            k=lambda x: x[..., :0],
-            v=lambda x: x[..., :0],
-            fk=lambda x: x[..., :0],
-            fv=lambda x: x[..., :0],
-        ),
-        "B, T, H, K >= 1",
-    ),  # fmt: skip
-    "fam_famk_none": (_fam_call(fk=None), "famk_BNFGK must be an array"),
-    "fam_q_list": (_fam_call(q=lambda x: np.asarray(x).tolist()), "q_BTHK must be an array"),
-    "fam_float16": (_fam_call(q=f16, k=f16, v=f16, fk=f16, fv=f16), "q_BTHK dtype must be one of float32/bfloat16"),
-    "fam_int32": (_fam_call(q=i32, k=i32, v=i32, fk=i32, fv=i32), "q_BTHK dtype must be one of float32/bfloat16"),
-    "fam_interpret_yes": (_fam_call(impl="pallas", interpret="yes"), "interpret must be True, False or None"),
-    "fam_block_q_with_xla": (_fam_call(impl="xla", block_q=12), "block_q must be a multiple of 8"),
-    "fam_platform_unknown": (_fam_call(platform="metal"), "platform must be one of"),
-    "mem_int32_qkv": (
-        _mem_call(q=lambda x: x.astype(jnp.int32), k=lambda x: x.astype(jnp.int32), v=lambda x: x.astype(jnp.int32)),
-        "q_BHTK dtype must be float32 or bfloat16",
-    ),  # fmt: skip
-    "mem_float16_q": (_mem_call(q=f16), "q_BHTK dtype must be float32 or bfloat16, got float16"),
-    "mem_float16_state": (
-        _mem_call(state=lambda s: MemoryState(tuple(map(f16, s.weights)), s.momentum)),
-        r"state0.weights\[0\] dtype must be float32 or bfloat16",
-    ),
-    "mem_retrieve_mlp_on_linear": (
-        lambda: memory_retrieve(mem_arrays()[-1], mem_arrays()[0], memory="mlp"),
-        "memory='mlp' needs >= 2 weight matrices in state.weights, got 1",
-    ),
-    "mem_retrieve_linear_on_mlp": (
-        lambda: memory_retrieve(mem_arrays(hidden=4)[-1], mem_arrays()[0], memory="linear"),
-        "memory='linear' needs 1 weight matrix in state.weights, got 2",
-    ),
-    "mem_max_norm_inf": (_mem_call(max_surprise_norm=float("inf")), "max_surprise_norm must be a finite float > 0"),
-    "mem_batch_0": (_mem_call(q=lambda x: x[:0], k=lambda x: x[:0]), r"q_BHTK must have B, H, d_k >= 1"),
-    "mem_head_dim_0": (_mem_call(q=lambda x: x[..., :0], k=lambda x: x[..., :0]), r"B, H, d_k >= 1"),
-    "mem_scalar_gate": (_mem_call(alpha=0.1), "alpha_BHT must be an array"),
-    "mem_list_q": (_mem_call(q=lambda x: np.asarray(x).tolist()), "q_BHTK must be an array"),
-    "mem_alpha_above_1": (
-        _mem_call(alpha=lambda x: x.at[0, 0, 0].set(1.5)),
-        r"alpha_BHT must be finite and in \[0, 1\]",
-    ),
-    "mem_eta_nan": (_mem_call(eta=lambda x: x.at[0, 0, 0].set(jnp.nan)), r"eta_BHT must be finite and in \[0, 1\]"),
-    "mem_theta_negative": (_mem_call(theta=lambda x: x.at[0, 1, 2].set(-0.1)), "theta_BHT must be finite and >= 0"),
-    "mem_interpret_yes": (_mem_call(impl="pallas", interpret="yes"), "interpret must be True, False or None"),
-    "mem_platform_unknown": (_mem_call(platform="metal"), "platform must be one of"),
-}
-
-
-@pytest.mark.parametrize("name", list(BAD_INPUTS))
-def test_bad_input_raises_a_clear_error(name):
-    call, message = BAD_INPUTS[name]
-    with pytest.raises(ValueError, match=message):
-        call()
-
-
-def test_numpy_scalars_are_accepted():
-    """numpy scalars for sm_scale / block_size / memory_segments / chunk_size / max_surprise_norm are valid numbers."""
-    args = fam_arrays()
-    want = feedback_attention(*args, block_size=16, memory_segments=1, sm_scale=0.25, impl="xla")
-    got = feedback_attention(
-        *args, block_size=np.int64(16), memory_segments=np.int32(1), sm_scale=np.float32(0.25), impl="xla"
-    )
-    np.testing.assert_array_equal(got, want)
-    margs = mem_arrays()
-    want = memory_update(*margs, chunk_size=4, max_surprise_norm=0.5, impl="xla")
-    got = memory_update(*margs, chunk_size=np.int64(4), max_surprise_norm=np.float32(0.5), impl="xla")
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_gate_ranges_are_not_read_under_jit():
-    """Under jit the gates are tracers: no host sync, so out-of-range values are not checked there."""
-    q, k, v, alpha, eta, theta, st = mem_arrays()
-    y, _ = jax.jit(lambda a: memory_update(q, k, v, a, eta, theta, st, chunk_size=4, impl="xla"))(alpha + 1.0)
-    assert y.shape == q.shape

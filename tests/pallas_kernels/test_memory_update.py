@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 
 from pallas_kernels.memory_update import (
     MemoryState,
@@ -18,6 +19,7 @@ from pallas_kernels.memory_update import (
     memory_update,
     memory_update_per_token_exact,
     memory_update_reference,
+    tpu,
 )
 
 GRAD_ARGS = tuple(range(7))  # q, k, v, alpha, eta, theta, state0
@@ -325,3 +327,48 @@ def test_bfloat16_inputs(impl):
     assert_trees_close(st, st_ref, rtol=1e-4)
     g = fast_jit(jax.grad(lambda *a: jnp.sum(up(fn(*a)[0])), argnums=(0, 1, 2)))(q, k, v, alpha, eta, theta, state)
     assert all(x.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(up(x)))) for x in g)
+
+
+def test_tpu_gate_coefficients_match_chunked():
+    """The TPU kernel builds the C x C gate matrices in VMEM from the per-token gates (issue 18); in the Pallas
+    interpreter they equal chunked.chunk_coefficients, including alpha = 1, eta = 0 and padded tokens."""
+    C = 16
+    rng = np.random.default_rng(3)
+    alpha, eta, theta = (rng.uniform(0.0, 1.0, C).astype(np.float32) for _ in range(3))
+    alpha[[3, 11]], eta[[5, 6]] = 1.0, 0.0
+    valid = (np.arange(C) < 13).astype(np.float32)
+    alpha[13:], eta[13:], theta[13:] = 0.0, 1.0, 0.0  # padding, as ops.py fills it
+    gates_4C = jnp.asarray(np.stack([alpha, eta, theta, valid]))
+
+    def kernel(g_ref, gt_ref, vec_ref):
+        gt, cols, lasts = tpu.gate_coefficients(g_ref[...])
+        gt_ref[...] = gt
+        vec_ref[...] = jnp.concatenate(cols + [jnp.broadcast_to(x, (C, 1)) for x in lasts], axis=1)
+
+    gt, vec = pl.pallas_call(
+        kernel, out_shape=[jax.ShapeDtypeStruct((C, C), jnp.float32), jax.ShapeDtypeStruct((C, 8), jnp.float32)],
+        interpret=True,
+    )(gates_4C)  # fmt: skip
+    want = chunked.chunk_coefficients(*(gates_4C[r] for r in range(4)))
+    np.testing.assert_allclose(gt, want.gt, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(vec, want.vec, rtol=1e-6, atol=1e-7)
+    assert np.all(np.asarray(vec)[11:, 0] == 0.0)  # A_i = prod_{l<=i} (1 - alpha_l) is exactly 0 after alpha = 1
+
+
+def test_tpu_kernel_operands_are_lane_dense():
+    """TPU lowering (forward and gradient): the gates enter the kernel as [B, H, N, 4, C] (tokens on lanes); no
+    [.., C, C] gate matrix and no trailing axis of 8 coefficients (128-lane padding on TPU) crosses HBM, and y
+    leaves the kernel in q's dtype (bf16 here), not f32."""
+    B, H, T, C, K = 1, 2, 128, 32, 64
+    args = list(_abstract_args("mlp", B=B, H=H, T=T, K=K, V=K))
+    args[:3] = [jax.ShapeDtypeStruct(a.shape, jnp.bfloat16) for a in args[:3]]
+    fwd = functools.partial(
+        memory_update, chunk_size=C, memory="mlp", impl="pallas", interpret=False, platform="tpu", max_surprise_norm=1.0
+    )
+    grad = jax.grad(lambda *a: jnp.sum(fwd(*a)[0].astype(jnp.float32)), argnums=GRAD_ARGS)
+    for name, fn in (("fwd", fwd), ("grad", grad)):
+        text = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
+        calls = "".join(line for line in text.splitlines() if "@tpu_custom_call(" in line)
+        assert f"{B}x{H}x{T // C}x4x{C}xf32>" in calls, name
+        assert f"x{C}x{C}xf32>" not in calls and "x8xf32>" not in calls, name
+        assert f"-> (tensor<{B}x{H}x{T // C}x{C}x{K}xbf16>" in calls, name
