@@ -116,6 +116,10 @@ class TrainConfig:
     # Resuming with a different global_batch_size is an error unless this is set; the data
     # position is then mapped to the same number of rows consumed.
     allow_batch_change: bool = False
+    # A fresh run (nothing to resume) starts from these parameters instead of the seed's: a
+    # params-only export directory (model.safetensors + manifest.json, from scripts/export.py
+    # --format safetensors or scripts/retrofit.py) whose model config equals model. "" = off.
+    init_params_from: str = ""
     # jax.profiler trace of steps [profile_start, profile_stop) into output_dir/profile (-1 = off).
     profile_start: int = -1
     profile_stop: int = -1

@@ -196,9 +196,10 @@ class Trainer:
     def model(self, params) -> nnx.Module:
         return nnx.merge(self.graphdef, params)
 
-    def _init(self) -> TrainState:
+    def _init(self, params=None) -> TrainState:
         model = build_model(self.cfg.model, rngs=nnx.Rngs(self.cfg.train.seed))
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        if params is None:
+            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         carry = model.initial_carry(self.cfg.train.global_batch_size)
         ema = jax.tree.map(jnp.copy, params) if self.cfg.optim.ema_decay > 0 else None
         return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), carry, ema)
@@ -280,8 +281,27 @@ class Trainer:
     # -- host-side loop -----------------------------------------------------------------------
 
     def init_state(self) -> TrainState:
+        """Step 0: parameters from the seed, or from ``train.init_params_from`` when set."""
         with jax.set_mesh(self.mesh):
+            if self.cfg.train.init_params_from:
+                params = self.load_init_params(self.cfg.train.init_params_from)
+                return jax.jit(self._init, out_shardings=self.state_shardings)(params)
             return jax.jit(self._init, out_shardings=self.state_shardings)()
+
+    def load_init_params(self, path: str) -> dict:
+        """Parameters of a params-only export (``model.safetensors`` + manifest), checked against ``model``."""
+        from looped_jax.export.params import load_params_safetensors
+
+        saved_cfg, params = load_params_safetensors(path)
+        ours, theirs = to_dict(self.cfg.model), to_dict(saved_cfg)
+        diff = [
+            f"model.{k}: export has {theirs.get(k)!r}, config has {v!r}" for k, v in ours.items() if theirs.get(k) != v
+        ]
+        if diff:
+            raise ValueError(f"train.init_params_from={path!r} holds another model: " + "; ".join(diff[:6]))
+        self._print(f"initial parameters from {path}")
+        want = jax.eval_shape(self._init).params
+        return jax.tree.map(lambda p, w: jnp.asarray(p, w.dtype), params, want)
 
     def abstract_state(self) -> TrainState:
         with jax.set_mesh(self.mesh):
