@@ -6,7 +6,8 @@ Resumes from the newest good checkpoint in ``train.output_dir`` when there is on
 
 Multi-host (TPU VMs, SLURM, or ``--distributed`` with ``JAX_COORDINATOR_ADDRESS``,
 ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set): `jax.distributed.initialize` runs before
-anything else touches JAX, so every process knows its index before the data pipeline shards by it.
+anything else touches JAX, so every process knows its index before the data pipeline shards by it;
+process 0 builds the data set before the others look for it (tests/train/test_multihost.py).
 
 Exit status: 0 done; 2 a bad config, command line or checkpoint (one line on stderr naming the
 field or path; the traceback with ``--debug``); 3 training went non-finite
@@ -27,6 +28,8 @@ from looped_jax.config import load_config, parse_cli_overrides  # noqa: E402
 USAGE = "usage: train.py --config configs/<name>.py [--config.section.field=value ...] [--distributed] [--debug]"
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
+# How long the other processes wait for process 0 to build the data set.
+PREPARE_TIMEOUT_S = 3 * 3600
 
 
 def wants_distributed(argv_flag: bool, environ=os.environ) -> bool:
@@ -39,9 +42,16 @@ def wants_distributed(argv_flag: bool, environ=os.environ) -> bool:
 
 
 def init_distributed() -> None:
-    """`jax.distributed.initialize` from the environment (explicit variables first, else auto-detect)."""
+    """`jax.distributed.initialize` from the environment (explicit variables first, else auto-detect).
+
+    CPU processes exchange collectives through gloo: the default of jax 0.10, set explicitly so a
+    release whose default is "none" cannot leave a multi-process CPU run without cross-process
+    collectives (``JAX_CPU_COLLECTIVES_IMPLEMENTATION`` in the environment wins). CPU backend only.
+    """
     import jax
 
+    if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if addr:
         jax.distributed.initialize(
@@ -76,7 +86,7 @@ def main(argv: list[str]) -> int:
     from looped_jax.train.trainer import EXIT_PREEMPTED, NonFiniteError, Trainer
 
     try:
-        prepare(cfg.data)
+        prepare_data(cfg.data, prepare)
         trainer = Trainer(cfg)
         if jax.process_index() == 0:
             print(
@@ -102,6 +112,36 @@ def main(argv: list[str]) -> int:
     if jax.process_index() == 0:
         print("final eval:", history["eval"])
     return 0
+
+
+def prepare_data(data_cfg, prepare) -> None:
+    """Builds the data set once: process 0 first, then the others (a no-op on a shared directory,
+    a local build where each host has its own disk). Several processes building into one directory
+    at once race on TFDS's final rename ("Destination ... already exists")."""
+    import jax
+
+    if jax.process_count() == 1:
+        prepare(data_cfg)
+        return
+    if jax.process_index() == 0:
+        prepare(data_cfg)
+    _barrier("looped_jax_prepare_data", timeout_s=PREPARE_TIMEOUT_S)
+    if jax.process_index() != 0:
+        prepare(data_cfg)
+
+
+def _barrier(name: str, *, timeout_s: int) -> None:
+    """Waits until every process reaches ``name``: on the coordination service when there is one (its
+    timeout is ours; a device collective's would be the collectives library's), else a device sync."""
+    from jax._src import distributed  # the client orbax uses for its own barriers
+
+    client = distributed.global_state.client
+    if client is not None:
+        client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+        return
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def _fail(e: BaseException, debug: bool, code: int) -> int:
