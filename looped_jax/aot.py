@@ -157,8 +157,33 @@ def compile_train_step(cfg: ExperimentConfig, devices: list, *, hbm_gib: float |
         if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
             raise
         oom = str(e).splitlines()[0][:400]
-        compiled = _compile(lowered, 1 << 30)  # 1 PiB: measure the program that did not fit
+        try:
+            compiled = _compile(lowered, 1 << 30)  # 1 PiB: measure the program that did not fit
+        except Exception as e2:  # some libtpu versions keep the real HBM limit: report the message's figures
+            if "RESOURCE_EXHAUSTED" not in str(e2) and "Ran out of memory" not in str(e2):
+                raise
+            compiled = None
     t2 = time.perf_counter()
+    if compiled is None:
+        figures = _oom_numbers(oom)["oom_figures_gib"]
+        needed = figures[0] if figures else float("nan")
+        limit = hbm if hbm is not None else (figures[1] if len(figures) > 1 else None)
+        return {
+            "devices": len(devices),
+            "platform": platform,
+            "device_kind": kind,
+            "mesh": dict(mesh.shape),
+            "per_chip_batch": cfg.train.global_batch_size // shd.data_parallel_size(mesh),
+            "lower_s": round(t1 - t0, 3),
+            "compile_s": round(t2 - t1, 3),
+            "measured_from": "oom_message",  # no compiled program: only the compiler's out-of-memory figures
+            "peak_gib_per_chip": needed,
+            "hbm_gib_per_chip": limit,
+            "fits": False,
+            "shortfall_gib_per_chip": max(0.0, needed - limit) if limit is not None else None,
+            "oom_message": oom,
+            "oom_figures_gib": figures,
+        }
     mem = compiled.memory_analysis()
     peak = getattr(mem, "peak_memory_in_bytes", 0) or (
         mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes

@@ -23,6 +23,22 @@ from looped_jax.results import Table, write_results  # noqa: E402
 
 def results_table(stats: dict, config: str, topology: str) -> Table:
     gib = lambda key: f"{stats[key]:.3f} GiB"  # noqa: E731
+    if stats.get("measured_from") == "oom_message":  # the program did not compile even with the limit raised
+        rows = [
+            ["devices", f"{stats['devices']} x {stats['device_kind'] or stats['platform']}"],
+            ["mesh", ", ".join(f"{k}={v}" for k, v in stats["mesh"].items())],
+            ["per-chip batch (sequences)", str(stats["per_chip_batch"])],
+            ["needed per chip (compiler's out-of-memory message)", gib("peak_gib_per_chip")],
+            ["HBM per chip / fits", f"{stats['hbm_gib_per_chip']} GiB / False"],
+            [
+                "shortfall per chip",
+                gib("shortfall_gib_per_chip") if stats["shortfall_gib_per_chip"] is not None else "-",
+            ],
+            ["compiler message", stats["oom_message"]],
+            ["lower / compile time", f"{stats['lower_s']:.1f} s / {stats['compile_s']:.1f} s"],
+        ]
+        caption = f"{config} train step AOT-compiled for {topology}: does not fit."
+        return Table(["measure", "value"], rows, title="TPU AOT compile", caption=caption)
     rows = [
         ["devices", f"{stats['devices']} x {stats['device_kind'] or stats['platform']}"],
         ["mesh", ", ".join(f"{k}={v}" for k, v in stats["mesh"].items())],

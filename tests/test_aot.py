@@ -2,6 +2,7 @@
 constraints and kernels under shard_map on 8 fake CPU devices; (slow) FAM / Titans train steps compiled for v5e
 with the Mosaic kernels in the HLO."""
 
+import importlib.util
 import os
 
 import jax
@@ -98,3 +99,21 @@ def test_train_step_aot_v5e_has_mosaic_kernels(config, min_calls):
     assert stats["platform"] == "tpu" and stats["mesh"]["data"] == 4
     assert stats["mosaic_custom_calls"] >= min_calls, stats
     assert stats["fits"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install '.[tpu]')")
+def test_program_that_never_fits_is_reported_from_the_compiler_message(monkeypatch):
+    """When even the raised-limit compile runs out of HBM, the figures come from libtpu's message."""
+    from looped_jax import aot
+
+    msg = "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 22.55G of 15.75G hbm. Exceeded hbm capacity by 6.80G. (22.55G) exceeds available HBM (15.75G)"  # noqa: E501
+
+    def never_fits(lowered, raise_limit_mib):
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(aot, "_compile", never_fits)
+    cfg = load_config(os.path.join(ROOT, "configs/recurrent_depth_chains.py"), parse_overrides([]))
+    stats = aot.compile_train_step(cfg, aot.topology_devices("v5e:2x2"))
+    assert stats["measured_from"] == "oom_message" and stats["fits"] is False
+    assert stats["peak_gib_per_chip"] == pytest.approx(22.55)
+    assert stats["shortfall_gib_per_chip"] == pytest.approx(22.55 - stats["hbm_gib_per_chip"])
