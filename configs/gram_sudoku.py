@@ -3,7 +3,8 @@
 From the issue: ~10M parameters and beta = 0.1 for Sudoku (KL balancing alpha = 0.8). The remaining
 settings are not given there and follow TRM (Jolicoeur-Martineau 2025) on Sudoku-Extreme: n = 6 l-updates,
 T = 3 transitions per supervision step, 16 supervision steps, lr 1e-4, weight decay 1.0, batch 768,
-EMA 0.999. Note: our data set is the generated one of looped_jax.data.sudoku, not Sudoku-Extreme.
+EMA 0.999. Note: our data set is the generated one of looped_jax.data.sudoku, not Sudoku-Extreme; evaluation
+(scripts/gram_eval.py) reports its `test_hard` split (rating >= 3 search guesses) by default.
 """
 
 from looped_jax.config import CheckpointConfig, ExperimentConfig, OptimConfig, TrainConfig

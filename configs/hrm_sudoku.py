@@ -6,6 +6,10 @@ embedding sign-SGD lr 1e-4 / weight decay 1.0, ACT up to 16 segments with explor
 
 The optimizer is AdamATan2 + sign-SGD (looped_jax.train.adam_atan2.hrm_optimizer); selected by
 optim.name='adam_atan2'.
+
+Data: our generated 9x9 puzzles (looped_jax.data.sudoku), not Sudoku-Extreme. Evaluation reports the `test_hard`
+split by default (rating >= 3 search guesses; the plain `test` split is no harder than `train`); training logs both.
+See the sudoku module docstring for building a split of Sudoku-Extreme-like difficulty.
 """
 
 import dataclasses

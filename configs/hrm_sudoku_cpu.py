@@ -15,6 +15,7 @@ PUZZLE_EMB_WEIGHT_DECAY = 0.1
 
 
 def sudoku4_data() -> DataConfig:
+    # 4x4 puzzles are all solved by singles (rating 0): no test_hard split, evaluation reports `test`
     return DataConfig(name="sudoku", sudoku_size=4, seq_len=16, num_train=3000, num_test=500, sudoku_augment=True)
 
 

@@ -28,6 +28,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from looped_jax.config import load_config, parse_overrides, to_dict  # noqa: E402
+from looped_jax.data import default_test_split  # noqa: E402
 from looped_jax.models import build_model, count_params  # noqa: E402
 from looped_jax.results import Table, write_results  # noqa: E402
 
@@ -133,7 +134,9 @@ def main(argv=None) -> dict:
         "--steps", default="", help="train.num_steps: one value for every config or one per config (default: config)"
     )
     parser.add_argument("--checkpoint_dirs", default="", help="evaluate these checkpoints (one per config) instead")
-    parser.add_argument("--split", default="test")
+    parser.add_argument(
+        "--split", default="", help="split to report (default: the data set's, test_hard for 6x6 / 9x9 sudoku)"
+    )
     parser.add_argument("--eval_batch_size", type=int, default=250)
     parser.add_argument("--eval_batches", type=int, default=0, help="0 = the whole split")
     parser.add_argument("--name", default="hrm_trm_sudoku", help="results go to runs/<name>/")
@@ -164,7 +167,7 @@ def main(argv=None) -> dict:
             cfg,
             trainer,
             params,
-            split=args.split,
+            split=args.split or default_test_split(cfg.data),
             batch_size=args.eval_batch_size,
             num_batches=args.eval_batches or None,
         )

@@ -1,6 +1,6 @@
 """GRAM width and depth scaling: puzzle accuracy against N sampled trajectories and against depth.
 
-Trains the config (or resumes its finished checkpoint in ``train.output_dir``), then on the test split
+Trains the config (or resumes its finished checkpoint in ``train.output_dir``), then on the evaluation split
 samples ``max(N)`` prior trajectories per puzzle in parallel (``jax.vmap`` over trajectory keys) for every
 depth (number of transitions from z_0) and reports, for each N, the exact-puzzle accuracy of
 
@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval_batch_size", type=int, default=128)
     p.add_argument("--max_batches", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="seed of the trajectory keys")
+    p.add_argument("--split", default="", help="split to report (default: the data set's, test_hard for 9x9)")
     p.add_argument("--name", default="gram_eval", help="results go to runs/<name>/")
     args, rest = p.parse_known_args(argv)
     overrides = parse_overrides(rest)  # --config.section.field=value
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     import numpy as np
     from flax import nnx
 
-    from looped_jax.data import make_eval_batches, prepare
+    from looped_jax.data import default_test_split, make_eval_batches, prepare
     from looped_jax.models import build_model, count_params
     from looped_jax.train.trainer import Trainer
 
@@ -103,7 +104,9 @@ def main(argv=None) -> int:
         "depths": depths,
         "by_depth": {},
     }
-    batches = make_eval_batches(cfg.data, "test", args.eval_batch_size, max_batches=args.max_batches)
+    split = args.split or default_test_split(cfg.data)  # 4x4: test; 9x9: test_hard
+    results["split"] = split
+    batches = make_eval_batches(cfg.data, split, args.eval_batch_size, max_batches=args.max_batches)
     graphdef, params = trainer.graphdef, state.eval_params
 
     def sample(params, batch, key, depth):
@@ -159,9 +162,12 @@ def results_table(results: dict) -> Table:
                 cells.append(" / ".join(f"{e[f'{rule}_exact']:.3f}" for rule in ("majority", "reward", "oracle")))
         rows.append([name] + cells)
     n_puzzles = results["by_depth"][str(results["depths"][0])]["num_puzzles"]
+    split = results.get("split", "test")
+    split_label = "test" if split == "test" else f"{split!r}"
     caption = (
-        f"Exact (whole-grid) accuracy on {n_puzzles} test puzzles after {results['train_steps']:,} training steps; "
-        "N trajectories sampled from the prior, chosen by majority vote or the latent reward head; any = pass@N."
+        f"Exact (whole-grid) accuracy on {n_puzzles} {split_label} puzzles after {results['train_steps']:,} "
+        "training steps; N trajectories sampled from the prior, chosen by majority vote or the latent reward head; "
+        "any = pass@N."
     )
     return Table(header, rows, title="GRAM width and depth scaling", caption=caption)
 

@@ -5,6 +5,7 @@ from looped_jax.data.config import DATASET_NAMES, DataConfig, chains_min_seq_len
 from looped_jax.data.pipeline import (
     DatasetSpec,
     dataset_spec,
+    default_test_split,
     get_builder,
     make_eval_batches,
     make_pipeline,
@@ -32,6 +33,7 @@ __all__ = [
     "chains_problem_length",
     "chains_vocab_size",
     "dataset_spec",
+    "default_test_split",
     "decode_bytes",
     "decode_text",
     "encode_bytes",

@@ -83,6 +83,7 @@ class DatasetSpec:
     splits: Callable[[DataConfig], tuple[str, ...]]
     vocab_size: Callable[[DataConfig], int]
     row: Callable[[DataConfig, dict[str, Any], str], Batch]
+    test_split: Callable[[DataConfig], str] | None = None  # default evaluation split (None: see default_test_split)
 
 
 # Data sets that live in their own module register a DatasetSpec there with `register_dataset`;
@@ -131,6 +132,19 @@ def split_names(cfg: DataConfig) -> tuple[str, ...]:
     if cfg.name == "bytes_text":
         return ("train", "validation")
     return tuple(dataset_spec(cfg.name).splits(cfg))
+
+
+def default_test_split(cfg: DataConfig) -> str:
+    """The split evaluation scripts report unless told otherwise (their ``--split``): the data set's choice
+    (``DatasetSpec.test_split``; sudoku: ``test_hard`` where that split is built), else ``test``, else the first
+    split that is not ``train``. Training still evaluates every split."""
+    names = split_names(cfg)
+    spec = dataset_spec(cfg.name)
+    if spec is not None and spec.test_split is not None:
+        return spec.test_split(cfg)
+    if "test" in names:
+        return "test"
+    return next(n for n in names if n != "train")
 
 
 def prepare(cfg: DataConfig) -> None:

@@ -10,7 +10,11 @@ itself is ``pallas_kernels.memory_update`` (chunked parallel form, eq. 16-18). T
 * data-dependent gates per token and head from linear + sigmoid heads: forgetting ``alpha_t``, momentum decay
   ``eta_t`` and learning rate ``theta_t = max_lr * sigmoid(.)`` (sec. 3.2, "data-dependent" gates);
 * learned initial memory weights ``M_0`` (shared over the batch);
-* switches: ``use_momentum=False`` sets eta = 0 (no momentum), ``use_forgetting=False`` sets alpha = 0.
+* switches: ``use_momentum=False`` sets eta = 0 (no momentum), ``use_forgetting=False`` sets alpha = 0;
+* validity: tokens with ``valid_BT`` False (padding anywhere in a row) leave the memory AND its momentum exactly
+  unchanged, ``M_t = M_{t-1}``, ``S_t = S_{t-1}``: the mask goes into the memory-update op, because gates alone
+  (alpha = 0, eta = 1, theta = 0) keep S but still move M by the carried surprise, ``M_t = M_{t-1} + S_{t-1}``
+  (eq. 13). They still enter the convolution history of the tokens after them.
 
 Everything the memory carries between calls (memory weights, momentum, the last ``conv_kernel - 1`` projected
 inputs of the convolution) lives in :class:`MemoryCarry`, so a stream of chunks fed one after another gives the
@@ -135,7 +139,8 @@ class NeuralMemory(nnx.Module):
 
     def gates(self, x_BTD: jax.Array, valid_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``alpha, eta`` in [0, 1] and ``theta`` in [0, max_lr], each ``[B, H, T]``; invalid tokens get
-        alpha = 0, eta = 1, theta = 0, which leaves the memory and its momentum unchanged."""
+        alpha = 0, eta = 1, theta = 0 (the gates of padding). That alone keeps the momentum but not the memory
+        (``M_t = M_{t-1} + S_{t-1}``, eq. 13); ``__call__`` also hands the mask to the memory-update op."""
         logits_BT3H = jnp.einsum("btd,dsh->btsh", x_BTD.astype(jnp.float32), self.gate_D3H[...])
         g = jax.nn.sigmoid(logits_BT3H + self.gate_bias_3H[...])
         alpha, eta, theta = (jnp.moveaxis(g[:, :, i], 1, 2) for i in range(3))
@@ -155,10 +160,11 @@ class NeuralMemory(nnx.Module):
     def __call__(
         self, x_BTD: jax.Array, carry: MemoryCarry, valid_BT: jax.Array | None = None
     ) -> tuple[jax.Array, MemoryCarry]:
-        """Writes the tokens into the memory and reads ``M_t(q_t)`` after each write (eq. 15); ``[B, T, D]``."""
+        """Writes the tokens into the memory and reads ``M_t(q_t)`` after each write (eq. 15); ``[B, T, D]``.
+        Tokens with ``valid_BT`` False leave the memory and its momentum unchanged and read ``M_{t-1}(q_t)``."""
         q, k, v, conv = self.features(x_BTD, carry.conv_BL3HK)
         alpha, eta, theta = self.gates(x_BTD, valid_BT)
-        kernel = partial(
+        update = partial(
             memory_update,
             chunk_size=self.chunk_size,
             memory=self.memory,
@@ -168,10 +174,14 @@ class NeuralMemory(nnx.Module):
         )
         # under shard_map over batch and heads: the Pallas kernel cannot be partitioned automatically
         bhtk, bht = ("batch", "heads", None, None), ("batch", "heads", None)
-        y_BHTK, state = shd.shard_kernel(
-            kernel, (q, k, v, alpha, eta, theta, carry.state), (bhtk, bhtk, bhtk, bht, bht, bht, bhtk),
-            (bhtk, bhtk), batch=q.shape[0], heads=(q.shape[1],),
-        )  # fmt: skip
+        args, axes = (q, k, v, alpha, eta, theta, carry.state), (bhtk, bhtk, bhtk, bht, bht, bht, bhtk)
+        if valid_BT is None:
+            kernel = update
+        else:
+            args += (jnp.broadcast_to(valid_BT.astype(bool)[:, None, :], alpha.shape),)
+            axes += (bht,)
+            kernel = lambda *a: update(*a[:7], valid_BHT=a[7])  # noqa: E731
+        y_BHTK, state = shd.shard_kernel(kernel, args, axes, (bhtk, bhtk), batch=q.shape[0], heads=(q.shape[1],))
         return self.output(y_BHTK), MemoryCarry(state, conv)
 
     def retrieve(self, x_BTD: jax.Array, state: MemoryState) -> jax.Array:

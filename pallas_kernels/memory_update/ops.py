@@ -10,6 +10,15 @@ ValueError naming what it does not support; ``impl="auto"`` falls back to XLA th
 ``which_impl`` says which without running. The kernel is chosen for ``platform`` (default
 ``jax.default_backend()``): pass ``platform="tpu"`` / ``"cuda"`` to export or AOT-compile from a CPU host.
 
+Validity: ``valid_BHT`` (bool, optional) marks tokens that must not touch the memory, e.g. padding inside a row.
+At such a token the state is carried, ``S_t = S_{t-1}`` and ``M_t = M_{t-1}``. Gates alone cannot express that: with
+alpha = 0, eta = 1, theta = 0 eq. 14 gives ``S_t = S_{t-1}`` but eq. 13 still gives ``M_t = M_{t-1} + S_{t-1}``. The
+chunked form and both kernels already take a per-token ``valid`` row, which removes token t's ``S_t`` from the sum
+that builds ``M`` (``G = D diag(valid) P``, ``c = D (valid * E)``, chunked.py); the mask given here joins the
+ragged-end padding mask there, and invalid tokens also get alpha = 0, eta = 1, theta = 0 so that the recurrence is
+``M_t = (1 - 0) M_{t-1} + 0 * S_t = M_{t-1}``, ``S_t = 1 * S_{t-1} - 0 * grad = S_{t-1}``, with no gradient reaching
+their gates. No kernel code depends on where the invalid tokens sit.
+
 Sharding: like every Pallas kernel, the kernel path cannot be partitioned automatically by XLA; under a mesh with a
 sharded batch call it inside ``jax.shard_map`` (batch and heads are independent) or use ``impl="xla"``.
 """
@@ -156,7 +165,18 @@ def _check_max_norm(max_surprise_norm) -> float | None:
     return float(max_surprise_norm)
 
 
-def _validate(q, k, v, alpha, eta, theta, state0, chunk_size, memory, impl, max_surprise_norm, interpret):
+def _check_valid(valid_BHT, shape) -> None:
+    if valid_BHT is None:
+        return
+    if not (hasattr(valid_BHT, "shape") and hasattr(valid_BHT, "dtype")):
+        raise ValueError(f"valid_BHT must be a bool array [B, H, T] or None, got {type(valid_BHT).__name__}")
+    if jnp.dtype(valid_BHT.dtype) != jnp.dtype(bool):
+        raise ValueError(f"valid_BHT dtype must be bool, got {jnp.dtype(valid_BHT.dtype)}")
+    if tuple(valid_BHT.shape) != tuple(shape):
+        raise ValueError(f"valid_BHT must be [B, H, T] = {tuple(shape)}, got {tuple(valid_BHT.shape)}")
+
+
+def _validate(q, k, v, alpha, eta, theta, state0, chunk_size, memory, impl, max_surprise_norm, interpret, valid=None):
     """Raises ValueError naming the bad argument; returns ``(chunk_size, max_surprise_norm)`` as Python numbers."""
     if memory not in MEMORY_KINDS:
         raise ValueError(f"memory must be one of {MEMORY_KINDS}, got {memory!r}")
@@ -200,6 +220,7 @@ def _validate(q, k, v, alpha, eta, theta, state0, chunk_size, memory, impl, max_
         d_in = w.shape[-1]
     if d_in != V:
         raise ValueError(f"the last memory layer must output d_v={V}, got {d_in}")
+    _check_valid(valid, (B, H, T))
     _check_gate_ranges(alpha, eta, theta)
     return chunk_size, max_surprise_norm
 
@@ -254,11 +275,12 @@ def which_impl(
     interpret: bool | None = None,
     max_surprise_norm: float | None = None,
     platform: str | None = None,
+    valid_BHT: jax.Array | None = None,
 ) -> ImplChoice:
     """Which implementation ``memory_update`` with these arguments (arrays or ``jax.ShapeDtypeStruct``) uses on
     ``platform`` (default ``jax.default_backend()``), and why; raises as the call would."""
     args = (q_BHTK, k_BHTK, v_BHTV, alpha_BHT, eta_BHT, theta_BHT, state0)
-    chunk_size, _ = _validate(*args, chunk_size, memory, impl, max_surprise_norm, interpret)
+    chunk_size, _ = _validate(*args, chunk_size, memory, impl, max_surprise_norm, interpret, valid_BHT)
     return _choose(impl, platform, interpret, chunk_size, [w.shape[2:] for w in state0.weights])[0]
 
 
@@ -277,6 +299,7 @@ def memory_update(
     interpret: bool | None = None,
     max_surprise_norm: float | None = None,
     platform: str | None = None,
+    valid_BHT: jax.Array | None = None,
 ) -> tuple[jax.Array, MemoryState]:
     """Titans neural memory over a sequence: returns ``(y_BHTV, final_state)``.
 
@@ -290,10 +313,12 @@ def memory_update(
     one-time log line; XLA on CPU). ``which_impl`` tells which without running. ``platform``: the lowering target
     (default ``jax.default_backend()``), e.g. "tpu" / "cuda" to export or AOT-compile from a CPU host.
     ``max_surprise_norm`` rescales each chunk's summed gradient contribution to at most that global norm.
+    ``valid_BHT`` (bool ``[B, H, T]``, default all True): a token marked False leaves the memory and its momentum
+    exactly as they were (``M_t = M_{t-1}``, ``S_t = S_{t-1}``, its gates ignored) and reads ``y_t = M_{t-1}(q_t)``.
     """
     chunk_size, max_surprise_norm = _validate(
         q_BHTK, k_BHTK, v_BHTV, alpha_BHT, eta_BHT, theta_BHT, state0, chunk_size, memory, impl, max_surprise_norm,
-        interpret,
+        interpret, valid_BHT,
     )  # fmt: skip
     choice, fallback = _choose(impl, platform, interpret, chunk_size, [w.shape[2:] for w in state0.weights])
     if fallback is not None:
@@ -309,8 +334,14 @@ def memory_update(
         x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3), constant_values=fill)
         return x.reshape(B, H, N, C, *x.shape[3:])
 
-    valid = jnp.broadcast_to(jnp.arange(N * C) < T, (B, H, N * C)).reshape(B, H, N, C).astype(jnp.float32)
-    # padded tokens: alpha = 0, eta = 1, theta = 0, valid = 0 -> (W, S) unchanged
+    if valid_BHT is None:
+        valid = jnp.broadcast_to(jnp.arange(N * C) < T, (B, H, N * C)).reshape(B, H, N, C).astype(jnp.float32)
+    else:  # masked tokens get the gates of padding; the mask (padding appended) joins the kernels' valid row
+        alpha_BHT = jnp.where(valid_BHT, alpha_BHT, jnp.zeros((), alpha_BHT.dtype))
+        eta_BHT = jnp.where(valid_BHT, eta_BHT, jnp.ones((), eta_BHT.dtype))
+        theta_BHT = jnp.where(valid_BHT, theta_BHT, jnp.zeros((), theta_BHT.dtype))
+        valid = chunks(valid_BHT.astype(jnp.float32), 0.0)
+    # padded and masked tokens: alpha = 0, eta = 1, theta = 0, valid = 0 -> (W, S) unchanged
     alpha, eta, theta = chunks(alpha_BHT, 0.0), chunks(eta_BHT, 1.0), chunks(theta_BHT, 0.0)
     q, k, v = chunks(q_BHTK, 0.0), chunks(k_BHTK, 0.0), chunks(v_BHTV, 0.0)
     state0 = MemoryState(

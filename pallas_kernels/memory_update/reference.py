@@ -19,6 +19,11 @@ token by token with ``lax.scan``. :func:`memory_update_per_token_exact` is the f
 at ``M_{t-1}``), which the chunked form must equal when ``chunk_size == 1``. Gradients here come from ``jax.grad`` of
 the loss, independent of the hand-derived dual form in chunked.py.
 
+Validity (``valid_BHT``, bool, optional): at a token with ``valid_t = False`` the state is carried unchanged,
+``S_t = S_{t-1}`` and ``M_t = M_{t-1}`` (no forgetting, no momentum step, no gradient), whatever its gates say, and
+the token adds nothing to its chunk's clipping norm; ``y_t = M_{t-1}(q_t)`` is still read. Gates alone cannot do
+this: alpha = 0, eta = 1, theta = 0 give ``S_t = S_{t-1}`` but ``M_t = M_{t-1} + S_{t-1}`` by eq. 13.
+
 Optional surprise clipping: with ``max_surprise_norm``, the chunk's summed gradient contribution
 ``U = sum_t theta_t * grad l(M_chunkstart; k_t, v_t)`` (global Frobenius norm over all memory layers) is rescaled to
 at most ``max_surprise_norm`` by multiplying every theta_t of that chunk by ``min(1, max_surprise_norm / ||U||)``.
@@ -78,11 +83,10 @@ def _clip_scale(grads_list, theta_b, max_norm):
     return clip_scale_from_sq(sq, max_norm)
 
 
-def _reference_one(q_TK, k_TK, v_TV, alpha_T, eta_T, theta_T, weights, momentum, chunk_size, memory, max_norm):
+def _reference_one(q_TK, k_TK, v_TV, alpha_T, eta_T, theta_T, valid_T, weights, momentum, chunk_size, memory, max_norm):
     T = q_TK.shape[0]
     n_chunks = -(-T // chunk_size)
-    pad = n_chunks * chunk_size - T
-    valid_T = jnp.ones((T,), bool)  # padding appends False
+    pad = n_chunks * chunk_size - T  # padding appends valid = False
 
     def padded(x):
         x_pad = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
@@ -120,6 +124,13 @@ def _prepare(q, k, v, alpha, eta, theta, state0):
     return tuple(map(f32, (q, k, v, alpha, eta, theta))), weights, momentum
 
 
+def _valid_mask(valid_BHT: jax.Array | None, alpha_BHT: jax.Array) -> jax.Array:
+    """The validity mask as bool ``[B, H, T]`` (all True when not given)."""
+    if valid_BHT is None:
+        return jnp.ones(alpha_BHT.shape, bool)
+    return jnp.asarray(valid_BHT).astype(bool)
+
+
 def memory_update_reference(
     q_BHTK: jax.Array,
     k_BHTK: jax.Array,
@@ -132,11 +143,14 @@ def memory_update_reference(
     chunk_size: int,
     memory: str = "linear",
     max_surprise_norm: float | None = None,
+    valid_BHT: jax.Array | None = None,
 ) -> tuple[jax.Array, MemoryState]:
-    """Token-by-token Titans memory with chunk-start gradients; returns ``(y_BHTV, final_state)`` in float32."""
+    """Token-by-token Titans memory with chunk-start gradients; returns ``(y_BHTV, final_state)`` in float32.
+    Tokens with ``valid_BHT`` False leave (M, S) unchanged (module docstring)."""
     (q, k, v, a, e, th), weights, momentum = _prepare(q_BHTK, k_BHTK, v_BHTV, alpha_BHT, eta_BHT, theta_BHT, state0)
+    ok = _valid_mask(valid_BHT, alpha_BHT)
     fn = lambda *xs: _reference_one(*xs, chunk_size, memory, max_surprise_norm)
-    y, w, s = jax.vmap(jax.vmap(fn))(q, k, v, a, e, th, weights, momentum)
+    y, w, s = jax.vmap(jax.vmap(fn))(q, k, v, a, e, th, ok, weights, momentum)
     return y, MemoryState(w, s)
 
 
@@ -151,22 +165,27 @@ def memory_update_per_token_exact(
     *,
     memory: str = "linear",
     max_surprise_norm: float | None = None,
+    valid_BHT: jax.Array | None = None,
 ) -> tuple[jax.Array, MemoryState]:
-    """The fully sequential recurrence (gradient at ``M_{t-1}``, eqs. 12-15); equals chunk_size=1."""
+    """The fully sequential recurrence (gradient at ``M_{t-1}``, eqs. 12-15); equals chunk_size=1. Tokens with
+    ``valid_BHT`` False leave (M, S) unchanged."""
     (q, k, v, a, e, th), weights, momentum = _prepare(q_BHTK, k_BHTK, v_BHTV, alpha_BHT, eta_BHT, theta_BHT, state0)
+    ok = _valid_mask(valid_BHT, alpha_BHT)
 
-    def one(q_TK, k_TK, v_TV, a_T, e_T, th_T, w0, s0):
+    def one(q_TK, k_TK, v_TV, a_T, e_T, th_T, ok_T, w0, s0):
         def token(c, x):
             w, s = c
-            qt, kt, vt, at, et, tht = x
+            qt, kt, vt, at, et, tht, okt = x
             g = jax.grad(associative_loss)(w, kt, vt, memory)
             tht = tht * _clip_scale([gl[None] for gl in g], tht[None], max_surprise_norm)
-            s = tuple(et * sl - tht * gl for sl, gl in zip(s, g, strict=True))
-            w = tuple((1.0 - at) * wl + sl for wl, sl in zip(w, s, strict=True))
+            s_new = tuple(et * sl - tht * gl for sl, gl in zip(s, g, strict=True))
+            w_new = tuple((1.0 - at) * wl + sl for wl, sl in zip(w, s_new, strict=True))
+            w = tuple(jnp.where(okt, n, o) for n, o in zip(w_new, w, strict=True))
+            s = tuple(jnp.where(okt, n, o) for n, o in zip(s_new, s, strict=True))
             return (w, s), memory_apply(w, qt, memory)
 
-        (w, s), y = jax.lax.scan(token, (w0, s0), (q_TK, k_TK, v_TV, a_T, e_T, th_T))
+        (w, s), y = jax.lax.scan(token, (w0, s0), (q_TK, k_TK, v_TV, a_T, e_T, th_T, ok_T))
         return y, w, s
 
-    y, w, s = jax.vmap(jax.vmap(one))(q, k, v, a, e, th, weights, momentum)
+    y, w, s = jax.vmap(jax.vmap(one))(q, k, v, a, e, th, ok, weights, momentum)
     return y, MemoryState(w, s)

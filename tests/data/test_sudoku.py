@@ -1,11 +1,13 @@
 """Sudoku: solver, generator uniqueness, rating, symmetries, canonical forms, TFDS builder and pipeline."""
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from looped_jax.data import DataConfig, make_pipeline, prepare, split_names, sudoku, vocab_size
+from looped_jax.config import load_config
+from looped_jax.data import DataConfig, default_test_split, make_pipeline, prepare, split_names, sudoku, vocab_size
 
 # A well-known hard 9x9 puzzle with a unique solution (needs guessing beyond singles).
 HARD_9 = "800000000003600000070090200050007000000045700000100030001000068008500010090000400"
@@ -201,3 +203,25 @@ def test_4x4_build_keeps_train_and_test_classes_apart(tmp_path):
 def test_9x9_invariant_key_separates_generated_puzzles():
     puzzles, _, _ = sudoku.generate_sudoku(9, 8, seed=11)
     assert len({sudoku.canonical_key(p) for p in puzzles}) == 8
+
+
+def test_default_test_split_is_the_hard_one_where_built():
+    """Evaluation reports test_hard for 6x6 / 9x9 (the plain test split is no harder than train); the 4x4 CPU
+    configs have no hard split and keep reporting test."""
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    want = {
+        "hrm_sudoku.py": "test_hard",
+        "trm_sudoku_mlp.py": "test_hard",
+        "gram_sudoku.py": "test_hard",
+        "hrm_sudoku_cpu.py": "test",
+        "trm_sudoku_cpu.py": "test",
+        "transformer_sudoku_cpu.py": "test",
+        "gram_sudoku_cpu.py": "test",
+    }
+    for name, split in want.items():
+        data = load_config(str(configs / name), {}).data
+        assert default_test_split(data) == split, name
+        assert split in split_names(data)
+    assert default_test_split(DataConfig(name="sudoku", sudoku_size=6, seq_len=36)) == "test_hard"
+    assert default_test_split(DataConfig(name="sudoku", sudoku_size=9, seq_len=81, sudoku_hard_rating=0)) == "test"
+    assert default_test_split(DataConfig()) == "test_h1"  # chains: no plain test split, the first test split

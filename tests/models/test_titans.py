@@ -110,7 +110,7 @@ def test_gates_in_range_and_switches():
     for g, hi in ((alpha, 1.0), (eta, 1.0), (theta, 0.02)):
         assert float(g.min()) >= 0.0 and float(g.max()) <= hi
     assert float(theta[..., :9].max()) > 0.0
-    np.testing.assert_array_equal(np.asarray(alpha[..., 9:]), 0.0)  # padding leaves the memory unchanged
+    np.testing.assert_array_equal(np.asarray(alpha[..., 9:]), 0.0)  # the gates of padding (the op masks M and S)
     np.testing.assert_array_equal(np.asarray(eta[..., 9:]), 1.0)
     np.testing.assert_array_equal(np.asarray(theta[..., 9:]), 0.0)
     off = NeuralMemory(32, **kw, use_momentum=False, use_forgetting=False, rngs=nnx.Rngs(0))

@@ -67,11 +67,19 @@ def assert_trees_close(got, want, rtol):
         np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * scale)
 
 
-def check_against_reference(args, *, chunk_size, memory, impl, max_norm=None, grads=True, interpret=None):
+def check_against_reference(args, *, chunk_size, memory, impl, max_norm=None, grads=True, interpret=None, valid=None):
     fn = functools.partial(
-        memory_update, chunk_size=chunk_size, memory=memory, impl=impl, interpret=interpret, max_surprise_norm=max_norm
+        memory_update,
+        chunk_size=chunk_size,
+        memory=memory,
+        impl=impl,
+        interpret=interpret,
+        max_surprise_norm=max_norm,
+        valid_BHT=valid,
     )
-    ref = functools.partial(memory_update_reference, chunk_size=chunk_size, memory=memory, max_surprise_norm=max_norm)
+    ref = functools.partial(
+        memory_update_reference, chunk_size=chunk_size, memory=memory, max_surprise_norm=max_norm, valid_BHT=valid
+    )
     if not grads:
         assert_trees_close(fast_jit(fn)(*args), fast_jit(ref)(*args), rtol=1e-4)
         return
