@@ -16,6 +16,7 @@ written with a different model/data config is an error, never skipped.
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 from typing import Any
 
@@ -183,7 +184,9 @@ class Checkpointer:
                     f"checkpoint save of step {step} into {self.directory} failed: no space left on device "
                     f"({free / 2**20:.1f} MiB free, the state needs {need / 2**20:.1f} MiB)"
                 )
-        meta = {"step": int(step), "config": config, "data_state": data_state}
+        # Every process's own data-iterator position (hosts read different shards, so their states
+        # differ for packed text); process 0's JSON item holds them all, each restores its own.
+        meta = {"step": int(step), "config": config, "data_state": data_state, "data_states": gather_json(data_state)}
         try:
             self.manager.save(
                 int(step),
@@ -272,7 +275,7 @@ class Checkpointer:
             ) from e
         if not all_finite(restored):
             raise CheckpointError(f"checkpoint step {step} in {self.directory} has non-finite parameters")
-        data_state = meta.get("data_state")
+        data_state = own_data_state(meta)
         if allow_batch_change:
             old = meta.get("config", {}).get("train", {}).get("global_batch_size")
             new = config.get("train", {}).get("global_batch_size")
@@ -333,6 +336,30 @@ def check_config(saved: dict, current: dict, *, where: str, allow_batch_change: 
             + "\n  ".join(diffs)
             + f"\nuse a fresh train.output_dir, or the config the checkpoint was trained with{batch_note}"
         )
+
+
+def gather_json(value: Any) -> list:
+    """``value`` (JSON-able) of every process, in process order (a collective: all processes call it)."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(raw.size))).reshape(-1)
+    length = int(sizes.max())
+    padded = np.zeros((length,), np.uint8)
+    padded[: raw.size] = raw
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), length)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes, strict=True)]
+
+
+def own_data_state(meta: dict) -> dict | None:
+    """This process's data state from a checkpoint's meta: its own entry when the checkpoint was written
+    by as many processes as run now, else the shared one (older checkpoints, or a changed host count)."""
+    states = meta.get("data_states")
+    if isinstance(states, list) and len(states) == jax.process_count():
+        return states[jax.process_index()]
+    return meta.get("data_state")
 
 
 def map_data_state(data_state: dict | None, old_batch: int, new_batch: int) -> dict | None:

@@ -189,3 +189,26 @@ def test_batch_size_is_checked_but_data_dir_is_not(tmp_path):
         )
     ck.close()
     assert map_data_state({"next_index": 5}, 4, 4) == {"next_index": 5}
+
+
+def test_each_process_restores_its_own_data_state(monkeypatch):
+    """Hosts read different shards; the checkpoint keeps every host's iterator state and each gets its own."""
+    import looped_jax.checkpoint as ck
+
+    meta = {"data_state": {"pos": 0}, "data_states": [{"pos": 0}, {"pos": 17}, {"pos": 5}]}
+    monkeypatch.setattr(ck.jax, "process_count", lambda: 3)
+    for index, want in enumerate(meta["data_states"]):
+        monkeypatch.setattr(ck.jax, "process_index", lambda index=index: index)
+        assert ck.own_data_state(meta) == want
+    monkeypatch.setattr(ck.jax, "process_count", lambda: 2)  # another host count: the shared state
+    assert ck.own_data_state(meta) == {"pos": 0}
+    assert ck.own_data_state({"data_state": {"pos": 3}}) == {"pos": 3}  # a checkpoint from before
+
+
+def test_saved_meta_holds_every_process_data_state(tmp_path):
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    state = {"w": np.ones((2,), np.float32)}
+    ckpt.save(1, state, config={}, data_state={"next_index": 4})
+    ckpt.wait()
+    assert ckpt.read_meta(1)["data_states"] == [{"next_index": 4}]
+    ckpt.close()

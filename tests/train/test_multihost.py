@@ -215,6 +215,12 @@ def test_two_process_train_checkpoint_resume(tmp_path):
     assert all(np.isfinite(v) for v in losses_first.values())
     ckpt_dir = run_dir / "checkpoints"
     assert sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) == [SAVE_EVERY, NUM_STEPS]
+    from looped_jax.checkpoint import Checkpointer
+
+    reader = Checkpointer(ckpt_dir, async_save=False)
+    states = reader.read_meta(SAVE_EVERY)["data_states"]  # every host's own iterator position
+    reader.close()
+    assert len(states) == NUM_PROCESSES and all(isinstance(s, dict) for s in states)
 
     # As if the run had died after the step-3 save: the second run resumes there.
     shutil.rmtree(ckpt_dir / str(NUM_STEPS))
