@@ -9,10 +9,22 @@ according to ``cache_lookup`` (the reference's ``HuginnDynamicCache`` lookup str
 step k (the missing entries are empty, masked); "skip" is the same (identical in the
 reference's dynamic cache; its static cache's "full" attends to zero-filled entries instead,
 which is not reproduced); "latest-m4": the missing entries are copies of the token's deepest
-entry for the same core layer. ``cache_sharing_slots = n > 0`` stores loop step i in slot
-i % n, so the cache holds n steps instead of r (the reference's "compress-s"; it counts n in
-layer applications, so its compress-s{4n} on Huginn's 4-layer core is our n; "compress-r" is
-not implemented); a token that exits early then keeps, per slot, its latest entry.
+entry for the same core layer.
+
+Slot sharing, the reference's "compress-s{n}" / "compress-r{n}": the reference numbers every
+layer application (prelude 0, 1, then core j = loop step * C + layer, C core layers) and maps
+core application j to slot j % n (compress-s: the cache cycles through n slots) or j // n
+(compress-r: n consecutive applications share one slot), n counted in layer applications, so a
+slot may hold different layers' keys (n not a multiple of C, or compress-r). We do the same:
+flat slot g is row g // C, column g % C of the [rows, C, ...] buffer, layers write in order
+(the last writer of a slot stays, as the reference's dict update) and every layer reads the
+slots as they were before its loop step (the reference writes the current positions, then reads).
+``cache_sharing_slots = m > 0`` is compress-s{m * C} under another name (loop step i in row
+i % m) and also combines with "latest-m4" (the reference's "latest-m4-compress-s{m * C}").
+A prefill fills the compressed cache exactly as "full" would, keeping each slot's last writer;
+compress-s{n >= r * C} and compress-r1 share nothing and equal "full". Departure: an early-exited
+token's never-written compressed slots stay empty (masked, as "full"); the reference raises.
+A token that exits early keeps, per slot, its latest entry.
 
 Exits use one named criterion (`looped_jax.models.huginn_exit`). Batched decoding, as the
 reference's ``generate_with_adaptive_compute``: every row keeps stepping (and writing the
@@ -34,6 +46,7 @@ The whole generation is one jitted function: prefill, then a ``lax.scan`` over n
 from __future__ import annotations
 
 import functools
+import re
 from typing import NamedTuple
 
 import jax
@@ -46,7 +59,15 @@ from looped_jax.models.recurrent_depth import RecurrentDepthModel
 from looped_jax.nn import KVCache, apply_stack, resolve_dtype
 from looped_jax.recurrence import unroll
 
-__all__ = ["CACHE_LOOKUPS", "ExitRule", "GenerateOutput", "generate", "recurrent_depth_forward_cached"]
+__all__ = [
+    "CACHE_LOOKUPS",
+    "ExitRule",
+    "GenerateOutput",
+    "core_cache_slots",
+    "generate",
+    "parse_cache_lookup",
+    "recurrent_depth_forward_cached",
+]
 CACHE_LOOKUPS = ("full", "skip", "latest-m4")
 
 
@@ -85,23 +106,67 @@ def init_recurrent_depth_cache(
     )
 
 
-def _core_step_fn(model: RecurrentDepthModel, num_slots: int, latest: bool = True):
+def parse_cache_lookup(cache_lookup: str) -> tuple[str, int]:
+    """(kind, n) of a lookup name: ("full" | "skip" | "latest-m4", 0) or ("compress-s" |
+    "compress-r", n) for the reference's "compress-s{n}" / "compress-r{n}", n >= 1."""
+    if cache_lookup in CACHE_LOOKUPS:
+        return cache_lookup, 0
+    m = re.fullmatch(r"(compress-[sr])([0-9]+)", cache_lookup)
+    if m is None or int(m.group(2)) < 1:
+        raise ValueError(
+            f"cache_lookup must be one of {CACHE_LOOKUPS} or compress-s<n> / compress-r<n> (n >= 1), "
+            f"got {cache_lookup!r}"
+        )
+    return m.group(1), int(m.group(2))
+
+
+def core_cache_slots(cache_lookup: str, num_loops: int, num_core_layers: int) -> int:
+    """Rows of the core cache ([rows, num_core_layers, ...]) that ``cache_lookup`` needs for
+    ``num_loops`` steps: the flat slots (module docstring) packed num_core_layers to a row."""
+    kind, n = parse_cache_lookup(cache_lookup)
+    applications = num_loops * num_core_layers
+    flat = min(n, applications) if kind == "compress-s" else -(-applications // n) if kind == "compress-r" else 0
+    return -(-flat // num_core_layers) if flat else num_loops
+
+
+def flat_slot(cache_lookup: str, application, num_rows: int, num_core_layers: int):
+    """Flat cache slot of core layer application j = loop step * num_core_layers + layer: j % n
+    (compress-s{n}), j // n (compress-r{n}), else j modulo the cache's rows * layers (no sharing
+    when it has a row per loop step, ``cache_sharing_slots`` rows otherwise). Flat slot g lives
+    at row g // num_core_layers, layer column g % num_core_layers."""
+    kind, n = parse_cache_lookup(cache_lookup)
+    if kind == "compress-s":
+        return application % n
+    if kind == "compress-r":
+        return application // n
+    return application % (num_rows * num_core_layers)
+
+
+def _core_step_fn(model: RecurrentDepthModel, num_slots: int, cache_lookup: str = "full"):
     """(step, params): the loop engine's step over the carry (s_BTD, core cache).
 
     ``step(params, (s_BTD, core), (e_BTD, positions_BT, segment_ids_BT, cache_index), index=i,
-    active=None)`` runs loop step ``i`` through cache slot ``i % num_slots``. With ``active``
-    (bool [B], the rows still iterating), inactive rows keep, at this position, the slot's old
-    content (empty, or their own earlier entry with sharing), or with ``latest`` their deepest
-    entry: a copy of the previous step's slot while the slots are being filled for the first
-    time (i < num_slots). Their latent is masked by the caller.
+    active=None)`` runs loop step ``i``; core layer l reads and writes flat slot
+    ``flat_slot(cache_lookup, i * C + l)`` (C core layers), the writes in layer order, so where
+    layers share a slot the last one's entry stays (the reference's dict update). Every layer
+    reads the slots as they were before the step (as the reference, whose layer overwrites the
+    current positions before it reads). With ``active`` (bool [B], the rows still iterating),
+    inactive rows keep, at this position, the slot's old content (empty, or their own earlier
+    entry with sharing), or with "latest-m4" their deepest entry: a copy of the previous step's
+    slot while the slots are being filled for the first time (i < num_slots). Their latent is
+    masked by the caller.
     """
     graphdef, params = nnx.split(model.core)
+    num_layers = model.cfg.num_core_layers
+    latest = cache_lookup == "latest-m4"
 
     def step(params, carry, inputs, *, index, active=None):
         s_BTD, core_cache = carry
         e_BTD, positions_BT, segment_ids_BT, cache_index = inputs
-        slot = index % num_slots
-        old = _take(core_cache, slot)
+        slots = [flat_slot(cache_lookup, index * num_layers + l, num_slots, num_layers) for l in range(num_layers)]
+        where = [(g // num_layers, g % num_layers) for g in slots]
+        olds = [_take(_take(core_cache, r), c) for r, c in where]
+        old = jax.tree.map(lambda *a: jnp.stack(a), *olds)
         core = nnx.merge(graphdef, params)
         s_new_BTD, new = core(s_BTD, e_BTD, positions_BT, segment_ids_BT, caches=old, cache_index=cache_index)
         if active is not None:
@@ -115,7 +180,9 @@ def _core_step_fn(model: RecurrentDepthModel, num_slots: int, latest: bool = Tru
                 return jax.lax.dynamic_update_slice_in_dim(new_a, jnp.where(keep, at(new_a), fill), cache_index, axis=2)
 
             new = jax.tree.map(patch, new, old, prev)
-        return s_new_BTD, _put(core_cache, slot, new)
+        for layer, (r, c) in enumerate(where):
+            core_cache = _put(core_cache, r, _put(_take(core_cache, r), c, _take(new, layer)))
+        return s_new_BTD, core_cache
 
     return step, params
 
@@ -177,10 +244,12 @@ def recurrent_depth_forward_cached(
     T == 1) rows exit by the rule (`huginn_exit.adaptive_loop`, one element per row) and their
     missing cache entries follow ``cache_lookup`` (module docstring).
     """
-    if cache_lookup not in CACHE_LOOKUPS:
-        raise ValueError(f"cache_lookup must be one of {CACHE_LOOKUPS}, got {cache_lookup!r}")
+    parse_cache_lookup(cache_lookup)
     batch, length = tokens_BT.shape
     num_slots = cache.core.k_BSKH.shape[0]
+    need = core_cache_slots(cache_lookup, num_loops, model.cfg.num_core_layers)
+    if cache_lookup.startswith("compress") and num_slots < need:
+        raise ValueError(f"{cache_lookup} over {num_loops} loops needs {need} core cache rows, got {num_slots}")
     positions_BT = index + jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     segment_ids_BT = jnp.ones((batch, length), jnp.int32)
     e_BTD, prelude = apply_stack(
@@ -192,7 +261,7 @@ def recurrent_depth_forward_cached(
         cache_index=index,
     )
     latest = cache_lookup == "latest-m4"
-    step, core_params = _core_step_fn(model, num_slots, latest)
+    step, core_params = _core_step_fn(model, num_slots, cache_lookup)
     readout, readout_params = _readout_fn(model, positions_BT, segment_ids_BT, cache.coda, index)
     inputs = (e_BTD, positions_BT, segment_ids_BT, index)
     rule = resolve_exit_rule(exit_rule)
@@ -293,7 +362,8 @@ def _generate(
     d_model = model.cfg.d_model
 
     if recurrent:
-        cache = init_recurrent_depth_cache(model, batch, length, cache_sharing_slots or num_loops)
+        rows = cache_sharing_slots or core_cache_slots(cache_lookup, num_loops, model.cfg.num_core_layers)
+        cache = init_recurrent_depth_cache(model, batch, length, rows)
 
         def s0(key, t):
             return model.initial_state(jnp.zeros((batch, t, d_model)), key if has_rng else None)
@@ -376,8 +446,8 @@ def generate(
         if num_loops < 1:
             raise ValueError(f"num_loops must be >= 1, got {num_loops}")
         exit_rule = resolve_exit_rule(exit_rule)
-        if cache_lookup not in CACHE_LOOKUPS:
-            raise ValueError(f"cache_lookup must be one of {CACHE_LOOKUPS}, got {cache_lookup!r}")
+        if parse_cache_lookup(cache_lookup)[0].startswith("compress") and cache_sharing_slots:
+            raise ValueError(f"cache_sharing_slots and {cache_lookup} both set the slot sharing; give one")
     elif isinstance(model, LoopedModel):
         if num_loops not in (None, model.cfg.num_loops):
             raise ValueError(f"the looped model generates with its num_loops={model.cfg.num_loops}, got {num_loops}")
