@@ -84,12 +84,14 @@ def test_skip_policy_drops_the_bad_update_and_counts_it(data_cfg, tmp_path):
     assert int(state.step) == 8 and history["skipped"] == 1 and _finite(state.params)
 
 
+@pytest.mark.slow  # in CI by .ci/run (-m slow on this file)
 def test_skip_policy_stops_after_too_many_in_a_row(data_cfg, tmp_path):
     cfg = _cfg(data_cfg, tmp_path, nonfinite_policy="skip", max_consecutive_skips=2)
     with pytest.raises(NonFiniteError, match=r"2 non-finite steps in a row"):
         _trainer(_NaNAt, cfg, bad_steps=(3, 4)).fit()
 
 
+@pytest.mark.slow
 def test_rollback_policy_restores_and_lowers_the_learning_rate(data_cfg, tmp_path):
     cfg = _cfg(data_cfg, tmp_path, nonfinite_policy="rollback", rollback_lr_factor=0.5)
     # Step index 5 is bad once: after the rollback to step 4 the run goes on (the trainer's
@@ -130,7 +132,7 @@ def test_nan_from_a_huge_learning_rate_never_reaches_a_checkpoint(data_cfg, tmp_
     ckpt.close()
 
 
-@pytest.mark.parametrize("during", ["step", "async_save"])
+@pytest.mark.parametrize("during", ["step", pytest.param("async_save", marks=pytest.mark.slow)])
 def test_sigterm_saves_the_current_step_and_resume_is_exact(data_cfg, tmp_path, during):
     straight, _ = Trainer(_cfg(data_cfg, tmp_path / "a", save_every=0), mesh=single_device_mesh(), log=False).fit()
 
@@ -166,6 +168,7 @@ def test_sigterm_saves_the_current_step_and_resume_is_exact(data_cfg, tmp_path, 
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params), jax.device_get(straight.params))
 
 
+@pytest.mark.slow
 def test_fresh_run_into_a_directory_with_checkpoints_is_an_error(data_cfg, tmp_path):
     Trainer(_cfg(data_cfg, tmp_path, steps=2), mesh=single_device_mesh(), log=False).fit()
     fresh = _cfg(data_cfg, tmp_path, steps=2)
@@ -174,6 +177,7 @@ def test_fresh_run_into_a_directory_with_checkpoints_is_an_error(data_cfg, tmp_p
         Trainer(fresh, mesh=single_device_mesh(), log=False).fit()
 
 
+@pytest.mark.slow
 def test_num_steps_below_the_checkpoint_is_an_error(data_cfg, tmp_path):
     Trainer(_cfg(data_cfg, tmp_path, steps=4), mesh=single_device_mesh(), log=False).fit()
     with pytest.raises(CheckpointError, match=r"at step 4, past train.num_steps=2"):
