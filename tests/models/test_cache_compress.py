@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from looped_jax.models import RecurrentDepthConfig, build_model
+from looped_jax.models import build_model
 from looped_jax.models.generate import (
     ExitRule,
     core_cache_slots,
@@ -20,22 +20,9 @@ from looped_jax.models.generate import (
     recurrent_depth_forward_cached,
 )
 from looped_jax.models.generate import flat_slot as flat_slot_of
+from tests.models.tiny_rd import PROMPT
+from tests.models.tiny_rd import RD as CFG
 
-CFG = RecurrentDepthConfig(
-    vocab_size=37,
-    d_model=32,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=16,
-    mlp_dim=64,
-    num_prelude_layers=1,
-    num_core_layers=2,
-    num_coda_layers=1,
-    mean_loops=3,
-    grad_steps=2,
-    init_scale=0.0,
-)
-PROMPT = jax.random.randint(jax.random.key(3), (2, 5), 0, 37)
 LOOPS = 4  # 8 core layer applications j = 0..7
 
 # Hand-made: the flat slot of each core application j = loop * 2 + layer, and the rows needed.

@@ -20,25 +20,11 @@ from looped_jax.models.generate import (
     recurrent_depth_forward_cached,
 )
 from looped_jax.nn import KVCache, apply_stack
+from tests.models.tiny_rd import PROMPT, RD
 
-RD = RecurrentDepthConfig(
-    vocab_size=37,
-    d_model=32,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=16,
-    mlp_dim=64,
-    num_prelude_layers=1,
-    num_core_layers=2,
-    num_coda_layers=1,
-    mean_loops=3,
-    grad_steps=2,
-    init_scale=0.0,
-)
 LOOPED = LoopedConfig(
     vocab_size=37, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64, num_layers=2, num_loops=2
 )
-PROMPT = jax.random.randint(jax.random.key(3), (2, 5), 0, 37)
 
 
 def assert_greedy_matches_uncached(model, out, num_new, **kw):

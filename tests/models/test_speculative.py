@@ -1,30 +1,16 @@
 """Self-speculative decoding: greedy output equals plain greedy decoding with the verify loop
 count, and the acceptance statistics add up."""
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from looped_jax.models import RecurrentDepthConfig, build_model
+from looped_jax.models import build_model
 from looped_jax.models.generate import generate
 from looped_jax.models.speculative import speculative_generate
+from tests.models.tiny_rd import PROMPT
+from tests.models.tiny_rd import RD as CFG
 
-CFG = RecurrentDepthConfig(
-    vocab_size=37,
-    d_model=32,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=16,
-    mlp_dim=64,
-    num_prelude_layers=1,
-    num_core_layers=2,
-    num_coda_layers=1,
-    mean_loops=3,
-    grad_steps=2,
-    init_scale=0.0,
-)
-PROMPT = jax.random.randint(jax.random.key(3), (2, 5), 0, 37)
 NEW, LOOPS = 12, 6
 
 
