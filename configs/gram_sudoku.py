@@ -3,7 +3,10 @@
 From the issue: ~10M parameters and beta = 0.1 for Sudoku (KL balancing alpha = 0.8). The remaining
 settings are not given there and follow TRM (Jolicoeur-Martineau 2025) on Sudoku-Extreme: n = 6 l-updates,
 T = 3 transitions per supervision step, 16 supervision steps, lr 1e-4, weight decay 1.0, batch 768,
-EMA 0.999. Note: our data set is the generated one of looped_jax.data.sudoku, not Sudoku-Extreme; evaluation
+EMA 0.999. The objective is the paper's (``objective="paper"``, see looped_jax/models/gram.py): one
+supervision step per training step with a per-row carry, as in TRM.
+
+Note: our data set is the generated one of looped_jax.data.sudoku, not Sudoku-Extreme; evaluation
 (scripts/gram_eval.py) reports its `test_hard` split (rating >= 3 search guesses) by default.
 """
 
@@ -38,6 +41,14 @@ def get_config() -> ExperimentConfig:
         eval_transitions=48,
         beta=0.1,
         kl_balance=0.8,
+        # The paper's objective: posterior-sampled trajectories, KL at every transition, TRM deep
+        # supervision with a trainer carry (up to 16 supervision steps per example, halting head with
+        # exploration 0.1) and halting at test time. Our variant is objective="prior_carry"
+        # (with carry_posterior=False, prior_ce_weight=1).
+        objective="paper",
+        carry_posterior=True,
+        prior_ce_weight=0.0,
+        halt_exploration_prob=0.1,
     )
     return ExperimentConfig(
         model=model,

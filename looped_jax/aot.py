@@ -223,12 +223,20 @@ def compile_train_step(cfg: ExperimentConfig, devices: list, *, hbm_gib: float |
         **model_flops,
     }
     if chip is not None:
-        step_s = hlo["flops"] / chip.peak_bf16_flops  # compute-bound: per-chip HLO FLOPs at peak
         stats["peak_bf16_flops_per_chip"] = chip.peak_bf16_flops
-        stats["projected_step_s"] = step_s
-        stats["projected_mfu"] = (
-            model_flops["model_flops_per_step"] / (len(devices) * chip.peak_bf16_flops * step_s) if step_s else None
-        )
+        if hlo["loops_without_trip_count"]:
+            # a loop with a data-dependent trip count (sampled recurrence) was counted once: the HLO FLOPs are a
+            # lower bound, so the projection falls back to the model FLOPs (a lower bound on the step, no MFU)
+            stats["projected_step_s"] = model_flops["model_flops_per_step"] / (len(devices) * chip.peak_bf16_flops)
+            stats["projected_step_is_lower_bound"] = True
+            stats["projected_mfu"] = None
+        else:
+            step_s = hlo["flops"] / chip.peak_bf16_flops  # compute-bound: per-chip HLO FLOPs at peak
+            stats["projected_step_s"] = step_s
+            stats["projected_step_is_lower_bound"] = False
+            stats["projected_mfu"] = (
+                model_flops["model_flops_per_step"] / (len(devices) * chip.peak_bf16_flops * step_s) if step_s else None
+            )
     return stats
 
 

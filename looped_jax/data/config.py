@@ -18,6 +18,8 @@ def config_digest(params: dict[str, Any]) -> str:
 
 
 DATASET_NAMES = ("chains", "bytes_text", "passkey", "niah", "assoc_recall", "sudoku", "maze", "arc")
+PROBE_NAMES = ("copy", "phonebook", "multiplication", "dp", "hierarchy")  # probes.py, composition.py, grammar.py
+DATASET_NAMES += PROBE_NAMES
 
 
 def chains_problem_length(num_assignments: int) -> int:
@@ -86,6 +88,31 @@ class DataConfig:
     niah_num_words: int = 16  # distinct value-word tokens ("word" needles, assoc_recall values)
     niah_filler_vocab: int = 16  # distinct filler tokens
     niah_num_pairs: int = 4  # assoc_recall: key-value pairs per row, all queried at the end
+    # Probes (issue 14): copy, phone book (probes.py), multiplication, max-sum non-adjacent subsequence
+    # (composition.py), random hierarchy model (grammar.py). Train rows hold seq_len inputs (shorter problems are
+    # padded); each test split's rows are exactly as long as its problems. Loss only on answer tokens.
+    copy_alphabet: int = 26  # symbols a copied string is drawn from
+    copy_min_len: int = 1  # train strings have lengths uniform in [copy_min_len, copy_train_max_len]
+    copy_train_max_len: int = 16  # needs seq_len >= 2 * copy_train_max_len + 1
+    copy_test_lens: tuple[int, ...] = (16, 32, 64)  # one split test_len{n} per entry
+    phonebook_train_entries: int = 4  # train books hold 1..this many entries
+    phonebook_test_entries: tuple[int, ...] = (8, 16, 32)  # one split test_e{E} per entry
+    phonebook_name_len: int = 2  # tokens per name
+    phonebook_name_vocab: int = 16  # distinct name tokens (names in one book are distinct)
+    phonebook_number_len: int = 4  # digits per number
+    mult_train_max_digits: int = 3  # train operands have 1..this many digits each
+    mult_test_max_digits: int = 5  # one split test_{i}x{j} for every 1 <= i, j <= this
+    mult_scratchpad: bool = False  # write the shifted partial products (weighted) before the product
+    dp_min_len: int = 1  # train lists have lengths uniform in [dp_min_len, dp_train_max_len]
+    dp_train_max_len: int = 8
+    dp_test_lens: tuple[int, ...] = (8, 12, 16)  # one split test_len{n} per entry
+    dp_value_max: int = 5  # list entries uniform in [-dp_value_max, dp_value_max]
+    dp_answer: str = "selection"  # "selection" (one YES/NO per entry) or "sum" (the maximum sum's digits)
+    grammar_depth: int = 3  # L: sentences have grammar_branching ** L leaves
+    grammar_vocab: int = 16  # v: symbols per level
+    grammar_rules: int = 4  # m: productions per symbol (<= v ** (s - 1))
+    grammar_branching: int = 2  # s: symbols per production
+    grammar_seed: int = 0  # draws the grammar (data.seed draws the sentences)
 
     def __post_init__(self) -> None:
         if self.chains_order not in ("random", "topological"):
@@ -168,6 +195,8 @@ class DataConfig:
             _check_passkey_fields(self)
         if self.name in ("niah", "assoc_recall"):
             _check_niah_fields(self)
+        if self.name in PROBE_NAMES:
+            _check_probe_fields(self)
 
     @property
     def resolved_data_dir(self) -> str:
@@ -273,3 +302,91 @@ def _check_niah_fields(cfg: DataConfig) -> None:
     for length in cfg.niah_test_lens:
         if length < min_len:
             raise ValueError(f"data.niah_test_lens entries must be >= {min_len}, got {length}")
+
+
+# Probes (probes.py, composition.py, grammar.py): validation of the copy_* / phonebook_* / mult_* / dp_* /
+# grammar_* fields.
+def _check_lengths(cfg: DataConfig, field: str, minimum: int) -> None:
+    values = getattr(cfg, field)
+    if not values or len(set(values)) != len(values):
+        raise ValueError(f"data.{field} must be a non-empty tuple of distinct ints, got {values}")
+    for value in values:
+        if value < minimum:
+            raise ValueError(f"data.{field} entries must be >= {minimum}, got {value}")
+
+
+def _check_seq_len(cfg: DataConfig, needed: int, why: str) -> None:
+    if cfg.seq_len < needed:
+        raise ValueError(f"data.seq_len must be >= {needed} for {why}, got {cfg.seq_len}")
+
+
+def _check_probe_fields(cfg: DataConfig) -> None:
+    """Raises on a bad probe field when data.name is one of PROBE_NAMES (train rows must fit seq_len)."""
+    fields = {
+        "copy": ("copy_alphabet", "copy_min_len", "copy_train_max_len"),
+        "phonebook": ("phonebook_train_entries", "phonebook_name_len", "phonebook_name_vocab", "phonebook_number_len"),
+        "multiplication": ("mult_train_max_digits", "mult_test_max_digits"),
+        "dp": ("dp_min_len", "dp_train_max_len", "dp_value_max"),
+        "hierarchy": ("grammar_depth", "grammar_vocab", "grammar_rules", "grammar_branching"),
+    }[cfg.name]
+    for field in fields:
+        if getattr(cfg, field) < 1:
+            raise ValueError(f"data.{field} must be >= 1, got {getattr(cfg, field)}")
+    if cfg.name == "copy":
+        if cfg.copy_min_len > cfg.copy_train_max_len:
+            raise ValueError(
+                f"data.copy_min_len must be <= data.copy_train_max_len={cfg.copy_train_max_len}, got {cfg.copy_min_len}"
+            )
+        _check_lengths(cfg, "copy_test_lens", 1)
+        _check_seq_len(cfg, 2 * cfg.copy_train_max_len + 1, f"copy_train_max_len={cfg.copy_train_max_len}")
+    if cfg.name == "phonebook":
+        names = cfg.phonebook_name_vocab**cfg.phonebook_name_len
+        _check_lengths(cfg, "phonebook_test_entries", 1)
+        most = max(cfg.phonebook_train_entries, *cfg.phonebook_test_entries)
+        if most > names:
+            raise ValueError(
+                f"data.phonebook_name_vocab ** data.phonebook_name_len = {names} distinct names is fewer than the "
+                f"{most} entries of the largest book"
+            )
+        entry = cfg.phonebook_name_len + cfg.phonebook_number_len + 2  # name COLON number SEP
+        needed = 1 + cfg.phonebook_train_entries * entry + cfg.phonebook_name_len + cfg.phonebook_number_len
+        _check_seq_len(cfg, needed, f"phonebook_train_entries={cfg.phonebook_train_entries}")
+    if cfg.name == "multiplication":
+        if cfg.mult_test_max_digits > 9:
+            raise ValueError(f"data.mult_test_max_digits must be <= 9 (int32 operands), got {cfg.mult_test_max_digits}")
+        if cfg.mult_train_max_digits > 9:
+            raise ValueError(
+                f"data.mult_train_max_digits must be <= 9 (int32 operands), got {cfg.mult_train_max_digits}"
+            )
+        d = cfg.mult_train_max_digits
+        needed = 2 + 4 * d + (2 * d * d + d if cfg.mult_scratchpad else 0)
+        _check_seq_len(cfg, needed, f"mult_train_max_digits={d} (mult_scratchpad={cfg.mult_scratchpad})")
+    if cfg.name == "dp":
+        if cfg.dp_answer not in ("selection", "sum"):
+            raise ValueError(f"data.dp_answer must be 'selection' or 'sum', got {cfg.dp_answer!r}")
+        if cfg.dp_min_len > cfg.dp_train_max_len:
+            raise ValueError(
+                f"data.dp_min_len must be <= data.dp_train_max_len={cfg.dp_train_max_len}, got {cfg.dp_min_len}"
+            )
+        _check_lengths(cfg, "dp_test_lens", 1)
+        n = cfg.dp_train_max_len
+        width = n if cfg.dp_answer == "selection" else len(str(cfg.dp_value_max * ((n + 1) // 2)))
+        _check_seq_len(cfg, n + 1 + width, f"dp_train_max_len={n} (dp_answer={cfg.dp_answer!r})")
+    if cfg.name == "hierarchy":
+        v, m, s, depth = cfg.grammar_vocab, cfg.grammar_rules, cfg.grammar_branching, cfg.grammar_depth
+        if s < 2:
+            raise ValueError(f"data.grammar_branching must be >= 2, got {s}")
+        if m > v ** (s - 1):
+            raise ValueError(
+                f"data.grammar_rules must be <= grammar_vocab ** (grammar_branching - 1) = {v ** (s - 1)} "
+                f"(unambiguous productions), got {m}"
+            )
+        if cfg.grammar_seed < 0:
+            raise ValueError(f"data.grammar_seed must be >= 0, got {cfg.grammar_seed}")
+        _check_seq_len(cfg, s**depth, f"grammar_branching ** grammar_depth = {s}**{depth} leaves")
+        sentences = v * m ** sum(s**level for level in range(depth))
+        if cfg.num_train + cfg.num_test > sentences:
+            raise ValueError(
+                f"data.num_train + data.num_test = {cfg.num_train + cfg.num_test} exceeds the grammar's {sentences} "
+                "distinct sentences (raise grammar_rules, grammar_vocab or grammar_depth)"
+            )

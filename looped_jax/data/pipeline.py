@@ -95,6 +95,11 @@ _DATASET_MODULES: dict[str, str] = {
     "sudoku": "looped_jax.data.sudoku",
     "maze": "looped_jax.data.maze",
     "arc": "looped_jax.data.arc",
+    "copy": "looped_jax.data.probes",
+    "phonebook": "looped_jax.data.probes",
+    "multiplication": "looped_jax.data.composition",
+    "dp": "looped_jax.data.composition",
+    "hierarchy": "looped_jax.data.grammar",
 }
 _REGISTRY: dict[str, DatasetSpec] = {}
 

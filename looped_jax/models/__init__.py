@@ -17,6 +17,7 @@ from looped_jax.models.latent_thought import LatentThoughtConfig, LatentThoughtM
 from looped_jax.models.looped import LoopedConfig, LoopedModel
 from looped_jax.models.protocol import LossOutput, Model, TokenModel
 from looped_jax.models.recurrent_depth import RecurrentDepthConfig, RecurrentDepthModel
+from looped_jax.models.rmt import RMTConfig, RMTModel
 from looped_jax.models.titans import TitansConfig, TitansModel
 from looped_jax.models.trm import TRMConfig, TRMModel
 
@@ -29,6 +30,7 @@ MODEL_CONFIGS: dict[str, type] = {
     "hrm": HRMConfig,
     "trm": TRMConfig,
     "gram": GramConfig,
+    "rmt": RMTConfig,
 }
 MODEL_CLASSES: dict[str, type[nnx.Module]] = {
     "recurrent_depth": RecurrentDepthModel,
@@ -39,6 +41,7 @@ MODEL_CLASSES: dict[str, type[nnx.Module]] = {
     "hrm": HRMModel,
     "trm": TRMModel,
     "gram": GramModel,
+    "rmt": RMTModel,
 }
 
 
@@ -75,6 +78,8 @@ __all__ = [
     "TokenModel",
     "RecurrentDepthConfig",
     "RecurrentDepthModel",
+    "RMTConfig",
+    "RMTModel",
     "TitansConfig",
     "TitansModel",
     "TRMConfig",

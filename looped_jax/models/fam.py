@@ -42,6 +42,7 @@ from looped_jax.nn import (
     takase_std,
     truncated_normal,
 )
+from looped_jax.recurrence import REMAT_POLICIES
 
 MAX_POSITION_OFFSET = 2 * math.pi * 1e4  # random rotary offset range (paper Sec. 3.3)
 
@@ -65,6 +66,7 @@ class FamConfig:
     random_position_offset: bool = False  # training: rotary offset U[0, 2 pi 1e4] per row, zero w.p. 1/2
     state_passing_prob: float = 0.0  # training: start from the previous step's final FAM with this probability
     attention_impl: str = "auto"  # feedback_attention impl: auto | xla | pallas
+    remat_policy: str = ""  # "" = none, else a name in recurrence.REMAT_POLICIES: each layer recomputed in backward
     tie_embeddings: bool = True
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
@@ -91,6 +93,12 @@ class FamConfig:
         _check(self.rope_theta > 0, "rope_theta", "> 0", self.rope_theta)
         _check(self.norm_eps > 0, "norm_eps", "> 0", self.norm_eps)
         _check(self.dtype in ("float32", "bfloat16"), "dtype", "'float32' or 'bfloat16'", self.dtype)
+        _check(
+            self.remat_policy == "" or self.remat_policy in REMAT_POLICIES,
+            "remat_policy",
+            f"'' or one of {sorted(REMAT_POLICIES)}",
+            self.remat_policy,
+        )
 
     @property
     def window(self) -> int:
@@ -187,9 +195,9 @@ class FamModel(TokenModel, nnx.Module):
             init_fams = self.prompt_fams(pos_BT[:, 0]) if F else [jnp.zeros((B, 0, cfg.d_model))] * L
         if init_resids is None:
             init_resids = [jnp.zeros_like(f) for f in init_fams]
-        finals = []
-        for block, fam_BFD, resid_BFD in zip(self.layers, init_fams, init_resids, strict=True):
-            x_BTD, fam_BFD = layer_forward(
+
+        def layer(block, x_BTD, pos_BT, fam_BFD, resid_BFD):
+            return layer_forward(
                 block,
                 x_BTD,
                 pos_BT,
@@ -200,6 +208,12 @@ class FamModel(TokenModel, nnx.Module):
                 stop_gradient=cfg.fam_stop_gradient,
                 impl=cfg.attention_impl,
             )
+
+        if cfg.remat_policy:  # keep only each layer's inputs for the backward pass (pod-size activations)
+            layer = nnx.remat(layer, policy=REMAT_POLICIES[cfg.remat_policy])
+        finals = []
+        for block, fam_BFD, resid_BFD in zip(self.layers, init_fams, init_resids, strict=True):
+            x_BTD, fam_BFD = layer(block, x_BTD, pos_BT, fam_BFD, resid_BFD)
             finals.append(fam_BFD)
         return self.head(x_BTD[:, :T]), jnp.stack(finals, axis=1)
 

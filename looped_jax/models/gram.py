@@ -42,6 +42,26 @@ Inference (``sample_trajectories``): N trajectories from the prior in parallel (
 trajectory keys), each a rollout of ``depth`` transitions from z_0; ``select_majority`` picks the most
 frequent whole grid, ``select_by_reward`` the trajectory with the highest v_psi.
 
+Two objectives (``objective``). Everything above is ``"prior_carry"``, our documented variant and the
+dataclass default (the CPU config and the parity fixture use it). ``"paper"`` is the paper's objective
+and the default of the published ``configs/gram_sudoku.py``:
+
+    * training trajectories are posterior-sampled: every transition, carried state included, uses
+      q_phi's noise (``carry_posterior=True``), and there is no prior CE (``prior_ce_weight=0``);
+    * the KL is scored at every transition: loss = CE(h_n) + beta * sum_t KL_bal,t + halt + reward terms
+      (ELBO of the trajectory, Markov prior and posterior); transitions 1..n-1 run without gradient
+      (truncated as in TRM), so their KL terms train the prior and posterior heads on stop_gradient(u_t);
+    * deep supervision is TRM's: one supervision step per training step with a per-row trainer carry
+      (`initial_carry`, `act.reset_rows`); a row halts after ``supervision_steps`` steps or when
+      q_halt > 0 (with TRM's exploration, ``halt_exploration_prob``) and is replaced by a fresh example;
+    * at test time the halting head stops each prior trajectory (`halting_rollout` / `sample_halting`:
+      supervision steps of ``num_transitions`` transitions until q_halt > 0).
+
+Remaining departures of ``"paper"`` from the paper: the critic v_psi is trained as in our variant (on a
+prior resample of the last transition, BCE against its cell accuracy); the halting target is the exact
+correctness of the posterior state's grid; the noise heads are linear in (u, e_y) and sigma is clipped to
+[min_log_sigma, max_log_sigma]; z_0 is a fixed random constant.
+
 Every loop runs on the engine (`looped_jax.recurrence.unroll`) over the pure `transition_step`: the
 transitions of a trajectory (``with_index``), the gradient-free transitions of a supervision step
 (``grad_steps=0``) and the supervision steps of the loss (``record_fn`` collects their losses). Noise
@@ -59,6 +79,7 @@ from flax import nnx
 
 from looped_jax.config import check_model_field
 from looped_jax.losses import binary_cross_entropy_with_logits, cross_entropy, gaussian_kl
+from looped_jax.models import act
 from looped_jax.models.protocol import LossOutput, TokenModel
 from looped_jax.nn.blocks import Block, BlockConfig, apply_stack
 from looped_jax.nn.embed import Embed, Unembed
@@ -66,6 +87,7 @@ from looped_jax.nn.init import param, truncated_normal
 from looped_jax.recurrence import is_static_int, unroll
 
 REWARD_LOSSES = ("bce",)
+OBJECTIVES = ("prior_carry", "paper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +112,12 @@ class GramConfig:
     halt_weight: float = 0.5
     reward_weight: float = 0.5
     reward_loss: str = "bce"
+    # "prior_carry" (our documented variant, the default): stateless loss unrolling supervision_steps
+    # from z_0, prior-carried state, prior CE. "paper": the paper's objective (posterior trajectories,
+    # KL at every transition, TRM deep supervision with a trainer carry and halting; needs
+    # carry_posterior=True and prior_ce_weight=0). See the module docstring.
+    objective: str = "prior_carry"
+    halt_exploration_prob: float = 0.1  # "paper": TRM's random minimum of halting steps (probability)
     prior_ce_weight: float = 1.0  # CE also on the prior-sampled last transition (0: the literal loss)
     carry_posterior: bool = False  # True: the carried state uses posterior noise (leaks y; see module docstring)
     init_log_sigma: float = math.log(0.3)  # prior / posterior std at initialisation
@@ -124,6 +152,26 @@ class GramConfig:
         check(self.reward_weight >= 0, "reward_weight", ">= 0", self.reward_weight)
         check(self.prior_ce_weight >= 0, "prior_ce_weight", ">= 0", self.prior_ce_weight)
         check(self.reward_loss in REWARD_LOSSES, "reward_loss", f"one of {REWARD_LOSSES}", self.reward_loss)
+        check(self.objective in OBJECTIVES, "objective", f"one of {OBJECTIVES}", self.objective)
+        check(
+            0.0 <= self.halt_exploration_prob <= 1.0,
+            "halt_exploration_prob",
+            "in [0, 1]",
+            self.halt_exploration_prob,
+        )
+        if self.objective == "paper":
+            check(
+                self.carry_posterior,
+                "carry_posterior",
+                "True with objective='paper' (the paper trains on posterior-sampled trajectories)",
+                self.carry_posterior,
+            )
+            check(
+                self.prior_ce_weight == 0,
+                "prior_ce_weight",
+                "0 with objective='paper' (the prior CE is our variant's addition)",
+                self.prior_ce_weight,
+            )
         check(
             self.min_log_sigma < self.init_log_sigma < self.max_log_sigma,
             "init_log_sigma",
@@ -316,6 +364,20 @@ class GramModel(TokenModel, nnx.Module):
 
         return step, params
 
+    def transition_step_with_u(self):
+        """Like `transition_step`, with carry ``(state, u)``: u = f_H(h, l) of the transition just run
+        (recorded by the paper objective to score the KL of every transition)."""
+        graphdef, params = nnx.split(self)
+
+        def step(params, carry, inputs, *, index):
+            x_BTD, positions_BT, segment_ids_BT, targets_BT, key = inputs
+            model = nnx.merge(graphdef, params)
+            key_t = jax.random.fold_in(key, index)
+            state, (u_BTD, _, _) = model.transition(carry[0], x_BTD, positions_BT, segment_ids_BT, key_t, targets_BT)
+            return state, u_BTD
+
+        return step, params
+
     # -- inference ----------------------------------------------------------------------------
 
     def prior_trajectory(self, inputs_BT, positions_BT, segment_ids_BT, key, num_steps):
@@ -448,13 +510,16 @@ class GramModel(TokenModel, nnx.Module):
         }
         return sg((h if cfg.carry_posterior else h_prior, l)), loss, metrics
 
-    def loss(self, batch: dict, *, rng, train: bool = True, carry: None = None) -> LossOutput:
+    def loss(self, batch: dict, *, rng, train: bool = True, carry: dict | None = None) -> LossOutput:
         """Deep supervision unrolled in the loss: mean over supervision steps (metrics of the last step).
 
-        Stateless for the trainer (``carry`` is unused, `LossOutput.carry` is None): every batch starts
+        With ``objective="paper"`` this is `paper_loss` (one supervision step per call, a trainer carry).
+        Otherwise stateless for the trainer (``carry`` is unused, `LossOutput.carry` is None): every batch starts
         from z_0. Supervision step m uses the key fold_in(rng, m); the engine records each step's loss and
         metrics, and the state passed between steps is detached by `last_transition_loss`.
         """
+        if self.cfg.objective == "paper":
+            return self.paper_loss(batch, rng=rng, train=train, carry=carry)
         del train, carry  # the posterior needs targets, which every batch has; evaluation uses __call__ / sampling
         inputs = batch["inputs"]
         self._check_inputs(inputs)
@@ -483,3 +548,145 @@ class GramModel(TokenModel, nnx.Module):
         metrics["first_step_exact"] = metrics_M["exact"][0]
         metrics["loss"] = loss
         return LossOutput(loss, metrics)
+
+    # -- the paper's objective: TRM deep supervision with a carry ------------------------------
+
+    def initial_carry(self, batch_size: int) -> dict | None:
+        """``objective="paper"``: the per-row deep-supervision carry (`act.initial_act_carry` over
+        z = (h, l); every row starts halted and loads an example at its first step). Else None."""
+        if self.cfg.objective != "paper":
+            return None
+        return act.initial_act_carry(self.initial_state(batch_size), batch_size, self.cfg.seq_len)
+
+    def paper_transitions(self, state, x_BTD, batch: dict, key):
+        """One supervision step of the paper's objective -> (detached new state, loss, metrics, halt_B).
+
+        Every transition samples the posterior (the training trajectory is posterior-sampled); the first
+        n - 1 run on the engine without gradient and record u_t; the KL of each of them is scored by the
+        heads on stop_gradient(u_t) (their gradient reaches the prior and posterior heads only: the
+        trajectory itself is truncated as in TRM), and the last transition is `last_transition_loss`
+        (CE, its KL, halting and reward heads). Loss = CE + beta * sum_t KL_t + halt + reward terms.
+        Transition t draws from fold_in(key, t), the critic's prior resample from fold_in(key, n).
+        """
+        cfg = self.cfg
+        n = cfg.num_transitions
+        sg = jax.lax.stop_gradient
+        targets, weights = batch["targets"], batch["weights"].astype(jnp.float32)
+        step, params = self.transition_step_with_u()
+        zero_u = jnp.zeros(x_BTD.shape, jnp.float32)
+        (state, _), u_tBTD = unroll(
+            step,
+            params,
+            (sg(state), zero_u),
+            (x_BTD, batch["positions"], batch["segment_ids"], targets, key),
+            num_steps=n - 1,
+            grad_steps=0,
+            with_index=True,
+            record_fn=lambda carry: carry[1],
+        )
+        state, loss, metrics = self.last_transition_loss(
+            state, x_BTD, batch, jax.random.fold_in(key, n - 1), jax.random.fold_in(key, n)
+        )
+        denom = jnp.maximum(weights.sum(), 1.0)
+        kl_earlier = jnp.zeros((), jnp.float32)
+        if n > 1:
+            u_tBTD = sg(u_tBTD)
+            mu_q, ls_q = self.posterior(u_tBTD, jnp.broadcast_to(targets, u_tBTD.shape[:-1]))
+            mu_p, ls_p = self.prior(u_tBTD)
+            kl_tBT = balanced_kl(mu_q, ls_q, mu_p, ls_p, cfg.kl_balance).sum(-1)
+            kl_earlier = (kl_tBT * weights).sum() / denom  # summed over the n - 1 earlier transitions
+        loss = loss + cfg.beta * kl_earlier
+        metrics = dict(metrics, kl_all=metrics["kl"] + kl_earlier, loss=loss)
+        return state, loss, metrics, self.halt_logit(state[0])
+
+    def paper_loss(self, batch: dict, *, rng, train: bool = True, carry: dict | None = None) -> LossOutput:
+        """The paper's objective: one supervision step per training step for every row of the carry.
+
+        Rows that halted at the previous step restart from z_0 on the incoming batch's example
+        (`act.reset_rows`); after the step a row halts when it has run ``supervision_steps`` steps or,
+        in training, when q_halt > 0 and it has run at least a random minimum (with probability
+        ``halt_exploration_prob`` a minimum drawn from U{2..supervision_steps}, else none; TRM Sec. 4.6).
+        The step's noise key is fold_in(rng, 0), the exploration draw uses fold_in(rng, 1).
+        """
+        cfg = self.cfg
+        inputs = batch["inputs"]
+        self._check_inputs(inputs)
+        batch_size = inputs.shape[0]
+        if carry is None:
+            carry = self.initial_carry(batch_size)
+        state, steps_B, data = act.reset_rows(carry, batch, self.initial_state(batch_size))
+        positions = jnp.broadcast_to(jnp.arange(cfg.seq_len, dtype=jnp.int32), inputs.shape)
+        step_batch = dict(data, positions=positions, segment_ids=None)
+        x_BTD = self.embed_inputs(data["inputs"])
+        state, loss, metrics, halt_B = self.paper_transitions(state, x_BTD, step_batch, jax.random.fold_in(rng, 0))
+        steps_B = steps_B + 1
+        halted_B = steps_B >= cfg.supervision_steps
+        if train and cfg.supervision_steps > 1:
+            signal_B = jax.lax.stop_gradient(halt_B) > 0
+            k_explore, k_min = jax.random.split(jax.random.fold_in(rng, 1))
+            explore_B = jax.random.uniform(k_explore, steps_B.shape) < cfg.halt_exploration_prob
+            min_B = jnp.where(explore_B, jax.random.randint(k_min, steps_B.shape, 2, cfg.supervision_steps + 1), 0)
+            halted_B = halted_B | (signal_B & (steps_B >= min_B))
+        new_carry = {"z": jax.lax.stop_gradient(state), "steps": steps_B, "halted": halted_B, "data": data}
+        metrics = dict(metrics, steps=steps_B.astype(jnp.float32).mean(), halted=halted_B.astype(jnp.float32).mean())
+        return LossOutput(loss, metrics, new_carry)
+
+    def halting_rollout(self, inputs_BT, positions_BT, segment_ids_BT, weights_BT, key, max_segments: int) -> tuple:
+        """One prior trajectory halted by the halting head, as at test time in the paper.
+
+        Runs ``max_segments`` supervision steps of ``num_transitions`` prior transitions (transition t
+        from fold_in(key, t): the same noise as `prior_trajectory`) and stops after the first step whose
+        q_halt > 0 (the last if none). Returns (prediction [B, T], reward logit [B], halt logit [B] and
+        transitions run [B], all at the halting step).
+        """
+        cfg = self.cfg
+        self._check_inputs(inputs_BT)
+        n = cfg.num_transitions
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(inputs_BT.shape[1], dtype=jnp.int32), inputs_BT.shape)
+        x_BTD = self.embed_inputs(inputs_BT)
+        step, params = self.transition_step()
+        graphdef = nnx.graphdef(self)
+
+        def record(state):
+            model = nnx.merge(graphdef, params)
+            h, l = state
+            pred_BT = jnp.argmax(model.logits(h), axis=-1).astype(jnp.int32)
+            return pred_BT, model.reward(h, l, weights_BT), model.halt_logit(h)
+
+        _, (pred_tBT, reward_tB, halt_tB) = unroll(
+            step,
+            params,
+            self.initial_state(inputs_BT.shape[0]),
+            (x_BTD, positions_BT, segment_ids_BT, None, key),
+            num_steps=max_segments * n,
+            grad_steps=0,
+            with_index=True,
+            record_fn=record,
+        )
+        ends = slice(n - 1, None, n)  # the records after each supervision step
+        pred_SBT, reward_SB, halt_SB = pred_tBT[ends], reward_tB[ends], halt_tB[ends]
+        signal_SB = (halt_SB > 0).at[-1].set(True)
+        index_B = jnp.argmax(signal_SB, axis=0)
+        take = lambda x: jnp.take_along_axis(x, index_B.reshape((1, -1) + (1,) * (x.ndim - 2)), axis=0)[0]
+        return take(pred_SBT), take(reward_SB), take(halt_SB), (index_B + 1) * n
+
+    def sample_halting(self, batch: dict, key, *, num_samples: int, max_segments: int | None = None) -> dict:
+        """N halted prior trajectories in parallel (vmap over keys split from ``key``, as `sample_trajectories`).
+
+        Returns preds [N, B, T], reward [N, B], halt [N, B] and depth [N, B] (transitions run), at each
+        trajectory's halting step; ``max_segments`` defaults to ``supervision_steps``.
+        """
+        max_segments = self.cfg.supervision_steps if max_segments is None else max_segments
+        if num_samples < 1 or max_segments < 1:
+            raise ValueError(f"num_samples and max_segments must be >= 1, got {num_samples} and {max_segments}")
+        weights = batch.get("weights", jnp.ones(batch["inputs"].shape, jnp.float32))
+        graphdef, params = nnx.split(self)
+
+        def one(k):
+            return nnx.merge(graphdef, params).halting_rollout(
+                batch["inputs"], batch.get("positions"), batch.get("segment_ids"), weights, k, max_segments
+            )
+
+        preds, reward, halt, depth = jax.vmap(one)(jax.random.split(key, num_samples))
+        return {"preds": preds, "reward": reward, "halt": halt, "depth": depth}

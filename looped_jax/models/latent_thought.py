@@ -12,7 +12,7 @@ no encoder: a fast inner loop maximises the ELBO (Eq. 3)
 
     ELBO(x) = E_q[log p(x | z)] - KL(q || N(0, I)),   z = mu + sigma * eps (eps fixed over the loop)
 
-by ``inner_steps`` steps of Adam (optax.adam, cosine learning rate) on (mu, log sigma^2)
+by ``inner_steps`` steps of Adam or AdamW (cosine learning rate) on (mu, log sigma^2)
 (dual-rate learning, Sec. 3.2), then the slow outer step (the Trainer's AdamW) updates the
 decoder on the final z. The inner loop is a
 ``jax.lax.scan`` run *inside* ``loss``, so the standard Trainer trains the model unchanged.
@@ -27,7 +27,38 @@ the decoder gradients of every inner step are added to the outer update.
 
 Evaluation: (mu, sigma) fitted against one fixed eps can exploit that eps, so scoring z at the same
 eps is optimistic and not a bound; ``elbo`` scores fresh eps. ``resample_eps=True`` draws a new eps
-at every inner step (ordinary stochastic VI) instead of the paper's fixed one.
+at every inner step (ordinary stochastic VI) instead of the paper's fixed one. ``elbo`` also returns
+the paper's protocol (the authors' evaluation code): per-sequence exp(NELBO_i / T_i) at the fitted eps,
+averaged over sequences (``scripts/ltm_eval.py --protocol paper``); it is reported beside the bound,
+never instead of it.
+
+Paper settings (the authors' training code; github:deqiankong/LTM holds only the project page, the
+code was read in a public copy, github:ghidav/Latent-Thought-Language-Models, whose ``AdamVI`` strategy
+is marked as the unchanged original) and our named alternatives, chosen per config (the published
+``configs/ltm_s.py``, ``ltm_m.py`` and ``ltm_l.py`` use the paper's; the dataclass defaults are ours):
+
+    latent_positions  "paper": bank l's k-th latent sits at k * (latent_span // (num_latents *
+                      num_layers)) for every l (they size the position table for all M * L latents,
+                      then every layer takes its first M) | "spread" (ours): evenly over the span
+    inner_optimizer   "adamw": torch AdamW, weight decay ``inner_weight_decay`` = 0.01 on mu and
+                      log sigma^2 | "adam" (ours): optax.adam, no decay
+    inner_schedule    "paper": cosine with decay ratio t / inner_steps | "cosine" (ours): t / (inner_steps - 1)
+    init_mu_std       0 in their code (mu_0 = 0); ours defaults to 0.01
+
+Remaining departures from the paper and the authors' code:
+  * the authors raise the inner learning rate linearly over outer training (0.3 -> 0.34 in their
+    config); ``inner_lr`` is constant (the paper's 0.3);
+  * initialisation: ours is Takase's small init scaled per residual branch; theirs is N(0, 0.02) with
+    GPT-2's 0.02 / sqrt(2 L) on output projections;
+  * their outer loss is the mean token cross-entropy at the final z; ours adds the (decoder-independent)
+    KL / N, so the decoder gradient is the same and the logged loss is the negative ELBO per token;
+  * data: the configs here train on bytes (259 symbols), not GPT-2 tokens of OpenWebText;
+  * their data loader can seed mu_0 from a per-example stored z (``persistent_init``); we always start
+    from ``init_posterior``;
+  * the learned (DiT) prior of their follow-up code is not implemented: the prior is N(0, I);
+  * their released code also lets every inner step's decoder gradient accumulate into the outer update;
+    the published configs follow the paper's algorithm (decoder gradient at the final z only) and
+    ``inner_grads_to_decoder=True`` reproduces the released behaviour.
 """
 
 from __future__ import annotations
@@ -47,6 +78,10 @@ from looped_jax.models.protocol import LossOutput
 from looped_jax.nn import Attention, Embed, RMSNorm, SwiGLU, Unembed, apply_rope, resolve_dtype, takase_std
 from looped_jax.recurrence import is_static_int
 
+LATENT_POSITIONS = ("spread", "paper")
+INNER_OPTIMIZERS = ("adam", "adamw")
+INNER_SCHEDULES = ("cosine", "paper")
+
 
 @dataclasses.dataclass(frozen=True)
 class LatentThoughtConfig:
@@ -62,12 +97,23 @@ class LatentThoughtConfig:
     num_layers: int = 2
     num_latents: int = 8  # latent vectors per layer (one bank per layer)
     window: int = 32  # sliding self-attention window (tokens, including the current one)
-    latent_span: int = 128  # latent rotary positions are spread evenly over [0, latent_span)
+    latent_span: int = 128  # the token span the latent rotary positions are laid over (see latent_positions)
     tie_embeddings: bool = True
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
     dtype: str = "float32"
-    # Fast inner loop: Adam on (mu, log sigma^2), learning rate cosine inner_lr -> inner_lr * end_ratio.
+    # Where the latents sit for the cross-attention rotary keys (see ``latent_positions``):
+    # "spread" (ours): evenly over [0, latent_span - 1]; "paper" (the authors' code): k * interval,
+    # interval = latent_span // (num_latents * num_layers), the same positions in every layer.
+    latent_positions: str = "spread"
+    # Fast inner loop on (mu, log sigma^2): "adam" (ours, optax.adam) or "adamw" (the authors':
+    # torch.optim.AdamW, decoupled weight decay ``inner_weight_decay`` on mu and log sigma^2).
+    inner_optimizer: str = "adam"
+    inner_weight_decay: float = 0.01  # used by "adamw" only (torch's AdamW default)
+    # Learning rate inner_lr -> inner_lr * end_ratio by a cosine: "cosine" (ours) reaches the end at the
+    # last step (t / (inner_steps - 1)); "paper" (the authors') decays by t / inner_steps, so the
+    # last step still runs above the end value.
+    inner_schedule: str = "cosine"
     inner_steps: int = 16
     inner_lr: float = 0.3
     inner_lr_end_ratio: float = 0.1
@@ -95,6 +141,31 @@ class LatentThoughtConfig:
         _check(self.rope_theta > 0, "rope_theta", "> 0", self.rope_theta)
         _check(self.norm_eps > 0, "norm_eps", "> 0", self.norm_eps)
         _check(self.dtype in ("float32", "bfloat16"), "dtype", "'float32' or 'bfloat16'", self.dtype)
+        _check(
+            self.latent_positions in LATENT_POSITIONS,
+            "latent_positions",
+            f"one of {LATENT_POSITIONS}",
+            self.latent_positions,
+        )
+        if self.latent_positions == "paper":
+            total = self.num_latents * self.num_layers
+            _check(
+                self.latent_span >= total,
+                "latent_span",
+                f">= num_latents * num_layers = {total} (latent_positions='paper' spaces the latents "
+                f"latent_span // {total} apart)",
+                self.latent_span,
+            )
+        _check(
+            self.inner_optimizer in INNER_OPTIMIZERS,
+            "inner_optimizer",
+            f"one of {INNER_OPTIMIZERS}",
+            self.inner_optimizer,
+        )
+        _check(self.inner_weight_decay >= 0, "inner_weight_decay", ">= 0", self.inner_weight_decay)
+        _check(
+            self.inner_schedule in INNER_SCHEDULES, "inner_schedule", f"one of {INNER_SCHEDULES}", self.inner_schedule
+        )
         _check(self.inner_steps >= 0, "inner_steps", ">= 0", self.inner_steps)
         _check(self.inner_lr > 0, "inner_lr", "> 0", self.inner_lr)
         _check(0 <= self.inner_lr_end_ratio <= 1, "inner_lr_end_ratio", "in [0, 1]", self.inner_lr_end_ratio)
@@ -133,8 +204,13 @@ def sample_latents(post: Posterior, eps: jax.Array) -> jax.Array:
 
 
 def inner_schedule(cfg: LatentThoughtConfig, num_steps: int) -> optax.Schedule:
-    """Cosine schedule over the inner steps: inner_lr at step 0 down to inner_lr * end_ratio at the last."""
-    return optax.cosine_decay_schedule(cfg.inner_lr, max(num_steps - 1, 1), alpha=cfg.inner_lr_end_ratio)
+    """Cosine schedule over the inner steps from inner_lr towards inner_lr * end_ratio.
+
+    "cosine": lr_t = end + (lr - end) (1 + cos(pi t / (num_steps - 1))) / 2, the end value at the last step.
+    "paper" (the authors' code): the same with t / num_steps, so the last step runs above the end value.
+    """
+    span = num_steps if cfg.inner_schedule == "paper" else num_steps - 1
+    return optax.cosine_decay_schedule(cfg.inner_lr, max(span, 1), alpha=cfg.inner_lr_end_ratio)
 
 
 def inner_learning_rates(cfg: LatentThoughtConfig, num_steps: int) -> jax.Array:
@@ -143,8 +219,14 @@ def inner_learning_rates(cfg: LatentThoughtConfig, num_steps: int) -> jax.Array:
 
 
 def inner_optimizer(cfg: LatentThoughtConfig, num_steps: int) -> optax.GradientTransformation:
-    """The fast optimiser: Adam on (mu, log sigma^2) with the cosine inner schedule (Sec. 3.2)."""
-    return optax.adam(inner_schedule(cfg, num_steps), b1=cfg.inner_b1, b2=cfg.inner_b2, eps=cfg.inner_eps)
+    """The fast optimiser on (mu, log sigma^2) with the inner schedule (Sec. 3.2): optax.adam ("adam"),
+    or AdamW ("adamw", the authors' torch.optim.AdamW: x <- x - lr_t (adam_t + inner_weight_decay x))."""
+    schedule = inner_schedule(cfg, num_steps)
+    if cfg.inner_optimizer == "adamw":
+        return optax.adamw(
+            schedule, b1=cfg.inner_b1, b2=cfg.inner_b2, eps=cfg.inner_eps, weight_decay=cfg.inner_weight_decay
+        )
+    return optax.adam(schedule, b1=cfg.inner_b1, b2=cfg.inner_b2, eps=cfg.inner_eps)
 
 
 def init_posterior(cfg: LatentThoughtConfig, batch_size: int, rng: jax.Array) -> Posterior:
@@ -225,8 +307,16 @@ class LatentThoughtModel(nnx.Module):
         )
 
     def latent_positions(self) -> jax.Array:
-        """[1, M] rotary positions of the latents: evenly spread over [0, latent_span - 1]."""
+        """[1, M] rotary positions of the latents, the same for every layer's bank.
+
+        "spread": evenly over [0, latent_span - 1]. "paper" (the authors' code): k * interval for
+        k < num_latents, interval = latent_span // (num_latents * num_layers), so all banks sit in the
+        first 1 / num_layers of the span.
+        """
         cfg = self.cfg
+        if cfg.latent_positions == "paper":
+            interval = cfg.latent_span // (cfg.num_latents * cfg.num_layers)
+            return (jnp.arange(cfg.num_latents, dtype=jnp.float32) * float(interval))[None]
         return jnp.linspace(0.0, float(cfg.latent_span - 1), cfg.num_latents, dtype=jnp.float32)[None]
 
     def decode(
@@ -302,7 +392,7 @@ class LatentThoughtModel(nnx.Module):
             if decoder_grads:
                 acc = jax.tree.map(jnp.add, acc, grads[0])
                 grads = grads[1]
-            updates, opt_state = tx.update(grads, opt_state)
+            updates, opt_state = tx.update(grads, opt_state, post)
             return (optax.apply_updates(post, updates), opt_state, acc), value
 
         acc0 = jax.tree.map(jnp.zeros_like, params) if decoder_grads else None
@@ -389,11 +479,19 @@ class LatentThoughtModel(nnx.Module):
         E_q log p(x | z) is estimated with ``num_samples`` fresh eps drawn independently of the eps the
         inner loop fitted (mu, sigma) to, so it is an unbiased estimate of a valid bound; reusing the
         fitted eps is optimistic and is reported separately as ``nll_sum_fitted_eps``.
+
+        The paper's protocol (the authors' evaluation code) is returned beside it: each sequence's
+        perplexity exp((NLL_i + KL_i) / T_i) at the *fitted* eps, summed over sequences as
+        ``paper_ppl_sum`` with ``num_sequences`` (their reported number is the mean over sequences, a
+        mean of exponentials rather than the exponential of the mean; not a bound, see the module docstring).
         """
         k_post, k_eval = jax.random.split(rng)
         post, eps, _, _ = self._posterior_for(batch, num_inner_steps, k_post)
         has_tokens_B = (batch["weights"].sum(-1) > 0).astype(jnp.float32)
         nll_fit_B, _ = self.row_nll(sample_latents(post, eps), batch)
+        kl_B = kl_to_prior(post) * has_tokens_B
+        tokens_B = batch["weights"].astype(jnp.float32).sum(-1)
+        paper_ppl_B = jnp.exp((nll_fit_B + kl_B) / jnp.maximum(tokens_B, 1.0)) * has_tokens_B
 
         def one_sample(carry, key):
             nll_B, correct_B = self.row_nll(sample_latents(post, jax.random.normal(key, eps.shape)), batch)
@@ -402,10 +500,12 @@ class LatentThoughtModel(nnx.Module):
         _, (nll_S, correct_S) = jax.lax.scan(one_sample, None, jax.random.split(k_eval, num_samples))
         return {
             "nll_sum": nll_S.mean(),
-            "kl_sum": (kl_to_prior(post) * has_tokens_B).sum(),
+            "kl_sum": kl_B.sum(),
             "correct": correct_S.mean(),
             "num_tokens": batch["weights"].astype(jnp.float32).sum(),
             "nll_sum_fitted_eps": nll_fit_B.sum(),
+            "paper_ppl_sum": paper_ppl_B.sum(),
+            "num_sequences": has_tokens_B.sum(),
         }
 
     def __call__(

@@ -10,11 +10,34 @@ itself is ``pallas_kernels.memory_update`` (chunked parallel form, eq. 16-18). T
 * data-dependent gates per token and head from linear + sigmoid heads: forgetting ``alpha_t``, momentum decay
   ``eta_t`` and learning rate ``theta_t = max_lr * sigmoid(.)`` (sec. 3.2, "data-dependent" gates);
 * learned initial memory weights ``M_0`` (shared over the batch);
+* the output path (sec. 4.4, "we normalise and gate the output with a linear layer"): with ``output_gate=True``
+  (the default) each head's read ``M(q)`` is RMS-normalised with a learnable vector and multiplied by
+  ``sigmoid(x W_g)`` (a linear gate of the memory's input x, per head and channel) before the output projection;
+  ``output_gate=False`` projects the raw read (the behaviour before this option existed);
+* memories (``memory=``): ``"linear"`` ``M(x) = x W``; ``"mlp"`` ``M(x) = x + silu(x W_1) W_2`` (the kernel's
+  MLP, pallas_kernels.memory_update.reference); ``"mlp_ln"`` the deep memory of the paper's later revision,
+  ``M(x) = x + LN(gelu(x W_1) W_2)`` with ``hidden`` = 4 x head_dim by default (LN without affine weights: the
+  memory's parameters are only its matrices);
+* forgetting (``forget_gate=``): ``"scalar"`` one ``alpha_t`` per token and head (eq. 13), ``"channel"`` a vector
+  ``alpha_t`` in [0, 1]^d per token and head, one rate per output channel of every memory matrix
+  (``M_t[:, c] = (1 - alpha_t[c]) M_{t-1}[:, c] + S_t[:, c]``), from its own linear + sigmoid head;
 * switches: ``use_momentum=False`` sets eta = 0 (no momentum), ``use_forgetting=False`` sets alpha = 0;
 * validity: tokens with ``valid_BT`` False (padding anywhere in a row) leave the memory AND its momentum exactly
   unchanged, ``M_t = M_{t-1}``, ``S_t = S_{t-1}``: the mask goes into the memory-update op, because gates alone
   (alpha = 0, eta = 1, theta = 0) keep S but still move M by the carried surprise, ``M_t = M_{t-1} + S_{t-1}``
   (eq. 13). They still enter the convolution history of the tokens after them.
+
+Update paths: ``memory in ("linear", "mlp")`` with ``forget_gate="scalar"`` runs the memory-update op (Pallas
+kernel or its chunked XLA form); ``"mlp_ln"`` or ``forget_gate="channel"`` -- which the kernel cannot express (it
+has no LayerNorm/GELU and takes one alpha per token) -- run :func:`memory_update_dual`, a pure-JAX chunked form
+with the same semantics (chunk-start gradients, eq. 16; per-token retrieval through the TTT dual form; masks;
+surprise clipping), and ``impl="pallas"`` with them is a ValueError.
+
+Departures from the paper: the channel-wise gate's d is read as "each output channel of each memory matrix"
+(A = hidden + head_dim rates for the 2-matrix memory), the paper does not say which axis; the LayerNorm of
+``mlp_ln`` has no affine weights; ``memory_update_dual`` differentiates through ``jax.grad`` of the memory (second
+order autodiff, no hand-written backward as the op has) and holds ``[C, C, A]`` gate tensors per chunk, so it
+compiles and runs slower than the kernel path (no benchmark yet).
 
 Everything the memory carries between calls (memory weights, momentum, the last ``conv_kernel - 1`` projected
 inputs of the convolution) lives in :class:`MemoryCarry`, so a stream of chunks fed one after another gives the
@@ -29,13 +52,18 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from looped_jax import sharding as shd
 from looped_jax.nn import param, truncated_normal
 from looped_jax.nn.platform import target_platform
 from pallas_kernels.memory_update import MemoryState, memory_retrieve, memory_update
+from pallas_kernels.memory_update.reference import clip_scale_from_sq
 
-MEMORY_KINDS = ("linear", "mlp")
+_HI = lax.Precision.HIGHEST
+MEMORY_KINDS = ("linear", "mlp", "mlp_ln")
+KERNEL_MEMORY_KINDS = ("linear", "mlp")  # what pallas_kernels.memory_update runs
+FORGET_GATES = ("scalar", "channel")
 
 
 class MemoryCarry(NamedTuple):
@@ -49,6 +77,139 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """x / ||x|| over the last axis, in float32."""
     x32 = x.astype(jnp.float32)
     return x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
+def _layer_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """LayerNorm over the last axis without affine weights."""
+    mu = jnp.mean(x, axis=-1, keepdims=True)
+    xc = x - mu
+    return xc * jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)
+
+
+def _memory_forward(weights, x_CK, memory, dz=None):
+    """``M(x)`` for one (batch, head) and the input of every memory matrix; ``dz`` (optional, one ``[C, d_out]``
+    per matrix) is added to the matrices' outputs so that ``grad`` w.r.t. it gives the per-token output gradients."""
+    h, inputs = x_CK, []
+    act = jax.nn.gelu if memory == "mlp_ln" else jax.nn.silu
+    for i, w in enumerate(weights):
+        inputs.append(h)
+        h = h @ w + (0.0 if dz is None else dz[i])
+        if i < len(weights) - 1:
+            h = act(h)
+    if memory == "mlp_ln":
+        h = x_CK + _layer_norm(h)
+    elif memory == "mlp" and h.shape[-1] == x_CK.shape[-1]:
+        h = h + x_CK
+    return h, inputs
+
+
+def memory_apply(weights, x_TK: jax.Array, memory: str) -> jax.Array:
+    """``M(x)`` for one (batch, head), any memory kind."""
+    return _memory_forward(weights, x_TK, memory)[0]
+
+
+def _cumprods(x_CA: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``seg[i, j, a] = prod_{j < l <= i} x[l, a]`` (0 above the diagonal) and ``run[i, a] = prod_{l <= i} x[l, a]``."""
+    C = x_CA.shape[0]
+    i, j = jnp.arange(C)[:, None, None], jnp.arange(C)[None, :, None]
+    z = jnp.where(i > j, x_CA[:, None, :], 1.0)
+    return jnp.where(i >= j, jnp.cumprod(z, axis=0), 0.0), jnp.cumprod(x_CA, axis=0)
+
+
+def _dual_chunk(state, chunk, memory, max_norm):
+    """One chunk of C tokens for one (batch, head): every gradient at the chunk-start memory W0 (eq. 16); token i
+    reads ``M_i(q_i)`` with ``W_i = A_i W0 + c_i S0 - sum_{j<=i} G_ij theta_j x_j^T dz_j`` (per output channel when
+    alpha is), layer by layer (the TTT dual form), so no per-token weights are materialised."""
+    w0, s0 = state
+    q, k, v, alphas, eta, theta, valid = chunk  # alphas: one [C, 1 or d_out] per matrix
+    H = _HI
+    dz0 = [jnp.zeros((k.shape[0], w.shape[-1]), jnp.float32) for w in w0]
+
+    def loss(dz):  # the summed associative loss (eq. 12) and every matrix's input, one forward at W0
+        out, inputs = _memory_forward(w0, k, memory, dz)
+        return jnp.sum(jnp.square(out - v)), inputs
+
+    dz, xs = jax.grad(loss, has_aux=True)(dz0)
+    if max_norm is not None:  # ||sum_j theta_j g_j|| over all matrices (reference._clip_scale)
+        u = [jnp.einsum("jd,j,jc->dc", x, theta, g, precision=H) for x, g in zip(xs, dz, strict=True)]
+        sq = sum(jnp.sum(jnp.square(ul)) for ul in u)
+        theta = theta * clip_scale_from_sq(sq, max_norm)
+    p_seg, e_run = _cumprods(eta[:, None])
+    p_seg, e_run = p_seg[..., 0], e_run[:, 0]  # P [C, C], E [C]
+    coeffs = []
+    for a in alphas:
+        d_seg, a_run = _cumprods(1.0 - a)  # D [C, C, A], A [C, A]
+        g = jnp.einsum("ima,m,mj->ija", d_seg, valid, p_seg, precision=H)  # G
+        c = jnp.einsum("ima,m,m->ia", d_seg, valid, e_run, precision=H)
+        coeffs.append((g, a_run, c))
+    # retrieval, layer by layer with the per-token weights
+    h = q
+    act = jax.nn.gelu if memory == "mlp_ln" else jax.nn.silu
+    for l, (w, s, x, g_l, (g, a_run, c)) in enumerate(zip(w0, s0, xs, dz, coeffs, strict=True)):
+        hx = jnp.einsum("id,jd->ij", h, x, precision=H)
+        z = a_run * (h @ w) + c * (h @ s) - jnp.einsum("ija,j,ij,ja->ia", g, theta, hx, g_l, precision=H)
+        h = act(z) if l < len(w0) - 1 else z
+    if memory == "mlp_ln":
+        h = q + _layer_norm(h)
+    elif memory == "mlp" and h.shape[-1] == q.shape[-1]:
+        h = h + q
+    w_end, s_end = [], []
+    for w, s, x, g_l, (g, a_run, c) in zip(w0, s0, xs, dz, coeffs, strict=True):
+        w_end.append(a_run[-1] * w + c[-1] * s - jnp.einsum("ja,j,jd,ja->da", g[-1], theta, x, g_l, precision=H))
+        s_end.append(e_run[-1] * s - jnp.einsum("j,jd,jc->dc", p_seg[-1] * theta, x, g_l, precision=H))
+    return (tuple(w_end), tuple(s_end)), h
+
+
+def memory_update_dual(
+    q_BHTK: jax.Array,
+    k_BHTK: jax.Array,
+    v_BHTK: jax.Array,
+    alpha_BHTA: jax.Array,
+    eta_BHT: jax.Array,
+    theta_BHT: jax.Array,
+    state0: MemoryState,
+    *,
+    chunk_size: int,
+    memory: str,
+    max_surprise_norm: float | None = None,
+    valid_BHT: jax.Array | None = None,
+) -> tuple[jax.Array, MemoryState]:
+    """Pure-JAX chunked Titans memory update for every memory kind and a scalar (``alpha_BHTA`` with A = 1) or
+    channel-wise forgetting gate (A = the summed output widths of the memory matrices, split in order); the same
+    semantics as ``pallas_kernels.memory_update.memory_update`` (chunk-start gradients, invalid tokens leave
+    (M, S) unchanged, a ragged tail is padded with no-op tokens). Float32; returns ``(y_BHTK, final_state)``."""
+    B, Hh, T, _ = q_BHTK.shape
+    C = chunk_size
+    N = -(-T // C)
+    pad = N * C - T
+    valid = jnp.ones((B, Hh, T), bool) if valid_BHT is None else valid_BHT.astype(bool)
+    alpha = jnp.where(valid[..., None], alpha_BHTA, 0.0)
+    eta, theta = jnp.where(valid, eta_BHT, 1.0), jnp.where(valid, theta_BHT, 0.0)
+
+    def chunks(x, fill):  # [B, H, T, ...] -> [B, H, N, C, ...]
+        x = jnp.pad(x.astype(jnp.float32), [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3), constant_values=fill)
+        return x.reshape(B, Hh, N, C, *x.shape[3:])
+
+    widths = [w.shape[-1] for w in state0.weights]
+    if alpha.shape[-1] == 1:
+        splits = [alpha] * len(widths)
+    else:
+        if alpha.shape[-1] != sum(widths):
+            raise ValueError(f"alpha_BHTA's last axis must be 1 or {sum(widths)} (= {widths}), got {alpha.shape}")
+        splits = jnp.split(alpha, [sum(widths[: i + 1]) for i in range(len(widths) - 1)], axis=-1)
+    xs = (
+        chunks(q_BHTK, 0.0), chunks(k_BHTK, 0.0), chunks(v_BHTK, 0.0), tuple(chunks(a, 0.0) for a in splits),
+        chunks(eta, 1.0), chunks(theta, 0.0), chunks(valid, 0.0),
+    )  # fmt: skip
+
+    def one(xs_N, w0, s0):
+        step = lambda st, ch: _dual_chunk(st, ch, memory, max_surprise_norm)
+        (w, s), y = jax.lax.scan(step, (w0, s0), xs_N)
+        return y.reshape(N * C, -1)[:T], w, s
+
+    f32 = lambda t: tuple(a.astype(jnp.float32) for a in t)
+    y, w, s = jax.vmap(jax.vmap(one))(xs, f32(state0.weights), f32(state0.momentum))
+    return y, MemoryState(w, s)
 
 
 class NeuralMemory(nnx.Module):
@@ -74,18 +235,29 @@ class NeuralMemory(nnx.Module):
         eta_bias: float = 2.0,
         theta_bias: float = 0.0,
         retrieval_query: bool = False,
+        forget_gate: str = "scalar",
+        output_gate: bool = True,
         init_std: float,
         out_init_std: float,
         rngs: nnx.Rngs,
     ):
         if memory not in MEMORY_KINDS:
             raise ValueError(f"memory must be one of {MEMORY_KINDS}, got {memory!r}")
+        if forget_gate not in FORGET_GATES:
+            raise ValueError(f"forget_gate must be one of {FORGET_GATES}, got {forget_gate!r}")
+        if impl == "pallas" and (memory not in KERNEL_MEMORY_KINDS or forget_gate != "scalar"):
+            raise ValueError(
+                f"impl='pallas' cannot run memory={memory!r} with forget_gate={forget_gate!r}: the memory-update "
+                f"kernel supports memory in {KERNEL_MEMORY_KINDS} with forget_gate='scalar'; use impl='auto' or 'xla' "
+                "(the pure-JAX chunked form, memory_update_dual)"
+            )
         if conv_kernel < 1:
             raise ValueError(f"conv_kernel must be >= 1, got {conv_kernel}")
         if not max_lr > 0:
             raise ValueError(f"max_lr must be > 0, got {max_lr}")
         self.num_heads, self.head_dim, self.memory = num_heads, head_dim, memory
-        self.hidden = hidden or head_dim
+        self.hidden = hidden or (4 * head_dim if memory == "mlp_ln" else head_dim)
+        self.forget_gate, self.output_gate = forget_gate, output_gate
         self.num_layers = num_layers
         self.chunk_size, self.max_lr, self.conv_kernel, self.impl = chunk_size, max_lr, conv_kernel, impl
         self.use_momentum, self.use_forgetting = use_momentum, use_forgetting
@@ -117,6 +289,26 @@ class NeuralMemory(nnx.Module):
             if retrieval_query
             else None
         )
+        # drawn after the parameters above, so that those keep their values when the options are switched
+        forget = out = (None, None)
+        if forget_gate == "channel":  # one rate per output channel of every memory matrix
+            A = sum(dout for _, dout in shapes)
+            forget = (
+                param(truncated_normal(key(), (d_model, H, A), init_std), ("embed", "heads", None)),
+                param(jnp.full((H, A), alpha_bias), ("heads", None)),
+            )
+        if output_gate:  # sec. 4.4: normalise and gate the read with a linear layer of x
+            out = (
+                param(jnp.ones((H, K)), ("heads", "kv")),
+                param(truncated_normal(key(), (d_model, H, K), init_std), ("embed", "heads", "kv")),
+            )
+        self.forget_DHA, self.forget_bias_HA = nnx.data(forget[0]), nnx.data(forget[1])
+        self.out_norm_HK, self.out_gate_DHK = nnx.data(out[0]), nnx.data(out[1])
+
+    @property
+    def uses_kernel_op(self) -> bool:
+        """True when the update runs pallas_kernels.memory_update, False for memory_update_dual."""
+        return self.memory in KERNEL_MEMORY_KINDS and self.forget_gate == "scalar"
 
     def initial_carry(self, batch: int) -> MemoryCarry:
         """Learned ``M_0`` broadcast over the batch, zero momentum, empty convolution history."""
@@ -138,24 +330,36 @@ class NeuralMemory(nnx.Module):
         return l2_normalize(q), l2_normalize(k), v, new_conv
 
     def gates(self, x_BTD: jax.Array, valid_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """``alpha, eta`` in [0, 1] and ``theta`` in [0, max_lr], each ``[B, H, T]``; invalid tokens get
+        """``alpha, eta`` in [0, 1] and ``theta`` in [0, max_lr], each ``[B, H, T]`` (``alpha`` ``[B, H, T, A]``
+        with ``forget_gate="channel"``, A = the summed output widths of the memory matrices); invalid tokens get
         alpha = 0, eta = 1, theta = 0 (the gates of padding). That alone keeps the momentum but not the memory
         (``M_t = M_{t-1} + S_{t-1}``, eq. 13); ``__call__`` also hands the mask to the memory-update op."""
         logits_BT3H = jnp.einsum("btd,dsh->btsh", x_BTD.astype(jnp.float32), self.gate_D3H[...])
         g = jax.nn.sigmoid(logits_BT3H + self.gate_bias_3H[...])
         alpha, eta, theta = (jnp.moveaxis(g[:, :, i], 1, 2) for i in range(3))
         theta = self.max_lr * theta
+        if self.forget_DHA is not None:
+            a_BTHA = jnp.einsum("btd,dha->btha", x_BTD.astype(jnp.float32), self.forget_DHA[...])
+            alpha = jnp.moveaxis(jax.nn.sigmoid(a_BTHA + self.forget_bias_HA[...]), 1, 2)  # [B, H, T, A]
         if not self.use_forgetting:
             alpha = jnp.zeros_like(alpha)
         if not self.use_momentum:
             eta = jnp.zeros_like(eta)
         if valid_BT is not None:
             v = valid_BT[:, None, :]
-            alpha, eta, theta = jnp.where(v, alpha, 0.0), jnp.where(v, eta, 1.0), jnp.where(v, theta, 0.0)
+            va = v[..., None] if alpha.ndim == 4 else v
+            alpha, eta, theta = jnp.where(va, alpha, 0.0), jnp.where(v, eta, 1.0), jnp.where(v, theta, 0.0)
         return alpha, eta, theta
 
-    def output(self, y_BHTK: jax.Array) -> jax.Array:
-        return jnp.einsum("bhtk,hkd->btd", y_BHTK.astype(jnp.float32), self.out_HKD[...])
+    def output(self, y_BHTK: jax.Array, x_BTD: jax.Array) -> jax.Array:
+        """The read ``[B, H, T, K]`` projected to ``[B, T, D]``; with ``output_gate`` first RMS-normalised per head
+        (learnable vector) and gated by ``sigmoid(x W_g)`` (sec. 4.4)."""
+        y = y_BHTK.astype(jnp.float32)
+        if self.output_gate:
+            y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + 1e-6) * self.out_norm_HK[...][:, None]
+            g_BTHK = jnp.einsum("btd,dhk->bthk", x_BTD.astype(jnp.float32), self.out_gate_DHK[...])
+            y = y * jax.nn.sigmoid(jnp.moveaxis(g_BTHK, 1, 2))
+        return jnp.einsum("bhtk,hkd->btd", y, self.out_HKD[...])
 
     def __call__(
         self, x_BTD: jax.Array, carry: MemoryCarry, valid_BT: jax.Array | None = None
@@ -164,6 +368,14 @@ class NeuralMemory(nnx.Module):
         Tokens with ``valid_BT`` False leave the memory and its momentum unchanged and read ``M_{t-1}(q_t)``."""
         q, k, v, conv = self.features(x_BTD, carry.conv_BL3HK)
         alpha, eta, theta = self.gates(x_BTD, valid_BT)
+        if not self.uses_kernel_op:
+            alpha = alpha if alpha.ndim == 4 else alpha[..., None]
+            y_BHTK, state = memory_update_dual(
+                q, k, v, alpha, eta, theta, carry.state, chunk_size=self.chunk_size, memory=self.memory,
+                max_surprise_norm=self.max_surprise_norm, valid_BHT=None if valid_BT is None else
+                jnp.broadcast_to(valid_BT.astype(bool)[:, None, :], eta.shape),
+            )  # fmt: skip
+            return self.output(y_BHTK, x_BTD), MemoryCarry(state, conv)
         update = partial(
             memory_update,
             chunk_size=self.chunk_size,
@@ -182,12 +394,16 @@ class NeuralMemory(nnx.Module):
             axes += (bht,)
             kernel = lambda *a: update(*a[:7], valid_BHT=a[7])  # noqa: E731
         y_BHTK, state = shd.shard_kernel(kernel, args, axes, (bhtk, bhtk), batch=q.shape[0], heads=(q.shape[1],))
-        return self.output(y_BHTK), MemoryCarry(state, conv)
+        return self.output(y_BHTK, x_BTD), MemoryCarry(state, conv)
 
     def retrieve(self, x_BTD: jax.Array, state: MemoryState) -> jax.Array:
         """``M*(q)`` with the given memory, no update (MAC reads ``M_{t-1}`` with the segment's queries, eq. 21)."""
         if self.retrieve_DHK is None:
             raise ValueError("this NeuralMemory was built with retrieval_query=False")
         q_BTHK = jax.nn.silu(jnp.einsum("btd,dhk->bthk", x_BTD.astype(jnp.float32), self.retrieve_DHK[...]))
-        y_BHTK = memory_retrieve(state, jnp.moveaxis(l2_normalize(q_BTHK), 1, 2), memory=self.memory)
-        return self.output(y_BHTK)
+        q_BHTK = jnp.moveaxis(l2_normalize(q_BTHK), 1, 2)
+        if self.memory in KERNEL_MEMORY_KINDS:
+            y_BHTK = memory_retrieve(state, q_BHTK, memory=self.memory)
+        else:
+            y_BHTK = jax.vmap(jax.vmap(lambda w, x: memory_apply(w, x, self.memory)))(state.weights, q_BHTK)
+        return self.output(y_BHTK, x_BTD)

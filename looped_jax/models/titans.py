@@ -7,14 +7,26 @@ Variants (``TitansConfig.variant``), each layer followed by a SwiGLU MLP with pr
   ``[persistent; h_t; S_t]``, the memory is updated with the attention output ``y_t`` and the output is
   ``y_t * sigmoid(M_t(y_t))``. Causality: a segment token attends to all persistent tokens but only to the
   retrieved tokens and segment tokens at positions <= its own (h_i is computed from token i's query).
-* ``mag`` memory as a gate (sec. 4.2): ``o = SWA*(x) * sigmoid(M(x))`` (sliding-window attention with the
-  persistent tokens always visible, gated elementwise by the memory branch).
-* ``mal`` memory as a layer (sec. 4.3): ``x + M(x)`` then ``x + SWA*(x)``.
+* ``mag`` memory as a gate (sec. 4.2, eqs. 26-28): ``o = RMSNorm_y(y) * sigmoid(RMSNorm_m(M(x)))`` with
+  ``y = SWA*(x)`` (sliding-window attention with the persistent tokens always visible); both branches are
+  normalised with learnable vectors before the gate (``mag_branch_norm``, default on; off gives
+  ``y * sigmoid(M(x))``), and the memory reads ``[persistent; x]`` (``memory_reads_persistent``, below).
+* ``mal`` memory as a layer (sec. 4.3, eqs. 29-31): ``x + M(x)`` then ``x + SWA*(x)``; the memory reads
+  ``[persistent; x]`` like MAG's.
 * ``lmm`` the long-term memory alone (sec. 4.3, "LMM"): ``x + M(x)``.
 * ``swa`` the sliding-window transformer baseline (persistent tokens, no memory), for equal-parameter comparisons.
 
 Persistent memory (eq. 19): ``num_persistent`` learned tokens per layer, projected by that layer's attention
-keys/values and visible to every query (so they do not fall out of the sliding window).
+keys/values and visible to every query (so they do not fall out of the sliding window). In MAG and MAL the memory
+also reads them before the sequence (eqs. 26, 29: the memory's input is ``[persistent; x]``): ``init_state``
+writes the (pre-normed) persistent tokens into the learned ``M_0`` and drops their reads, so a fresh state already
+holds them and streaming still starts at position 0.
+
+Memory output (sec. 4.4, "we normalise and gate the output with a linear layer"): ``memory_output_gate`` (default
+on) RMS-normalises each memory head's read and gates it with ``sigmoid(x W_g)`` before the output projection;
+``memory_kind="mlp_ln"`` is the deep memory of the paper's later revision and ``memory_forget_gate="channel"`` the
+channel-wise forgetting gate (looped_jax/models/neural_memory.py; both run on a pure-JAX chunked path, not the
+Pallas kernel).
 
 Sliding-window attention is computed block-wise (blocks of ``window`` queries against the previous and current
 block), so memory grows linearly in the sequence length. :meth:`TitansModel.stream` carries everything a layer
@@ -22,6 +34,20 @@ needs across calls -- memory weights and momentum, the convolution history and t
 so inference memory is constant in the sequence length; a stream of chunks whose lengths are multiples of
 ``segment_len`` (mac) / ``memory_chunk_size`` (others) equals one call over the concatenation. A call shorter than
 a chunk still updates the memory (the update pads ragged chunks with no-op tokens).
+
+Departures from the paper:
+
+* defaults changed with these options: ``memory_output_gate``, ``mag_branch_norm`` and ``memory_reads_persistent``
+  default to the paper's behaviour (on), which changes the parameter tree and outputs of configs written before
+  them; set all three False for the earlier model;
+* MAG / MAL: the persistent tokens are written into the memory as their own update chunk(s) (a ragged chunk is
+  padded with no-op tokens), not as the first tokens of the sequence's first chunk, so that every stream starts on
+  a chunk boundary; their convolution history does carry into the first tokens of x. MAL's attention sees the
+  raw persistent tokens as its always-visible prefix, not the memory's reads of them (eq. 30 attends over
+  ``M([persistent; x])`` with a sliding window);
+* the MAG gate is the sigmoid of the normalised memory branch (eq. 28 leaves the non-linearity open);
+* the memory output gate is per head and channel, ``sigmoid(linear(x))`` of the memory's input;
+* the MAC segment is attended as one block (no separate per-segment window).
 
 Limitations: rows are single sequences; ``segment_ids == 0`` marks padding (it never writes into the memory) but
 several documents packed in one row would share the memory.
@@ -39,7 +65,7 @@ from flax import nnx
 
 from looped_jax.config import check_model_field as _check
 from looped_jax.losses import cross_entropy
-from looped_jax.models.neural_memory import MEMORY_KINDS, MemoryCarry, NeuralMemory
+from looped_jax.models.neural_memory import FORGET_GATES, KERNEL_MEMORY_KINDS, MEMORY_KINDS, MemoryCarry, NeuralMemory
 from looped_jax.models.protocol import LossOutput, TokenModel
 from looped_jax.nn import Attention, Embed, RMSNorm, SwiGLU, Unembed, param, resolve_dtype, takase_std, truncated_normal
 
@@ -63,10 +89,10 @@ class TitansConfig:
     window: int = 16  # sliding-window attention span (mag, mal, swa)
     segment_len: int = 16  # mac segment length
     num_persistent: int = 4
-    memory_kind: str = "linear"  # "linear" or "mlp"
+    memory_kind: str = "linear"  # "linear", "mlp" or "mlp_ln" (deep memory x + LN(gelu(x W1) W2))
     memory_heads: int = 4
     memory_head_dim: int = 16
-    memory_hidden: int = 0  # mlp memory hidden width; 0 = memory_head_dim
+    memory_hidden: int = 0  # mlp memory hidden width; 0 = memory_head_dim ("mlp"), 4 x memory_head_dim ("mlp_ln")
     memory_layers: int = 2  # mlp memory depth
     memory_chunk_size: int = 8  # tokens per parallel update chunk (gradients at the chunk start, eq. 16)
     memory_max_lr: float = 0.05  # theta_t = memory_max_lr * sigmoid(.)
@@ -75,6 +101,10 @@ class TitansConfig:
     conv_kernel: int = 4
     max_surprise_norm: float = 0.0  # > 0 clips each chunk's update norm
     memory_impl: str = "auto"  # "auto", "xla" or "pallas"
+    memory_forget_gate: str = "scalar"  # "scalar" alpha_t per head, "channel" alpha_t in [0, 1]^d per head
+    memory_output_gate: bool = True  # sec. 4.4: RMS-normalise the memory read and gate it with sigmoid(linear(x))
+    mag_branch_norm: bool = True  # MAG (eq. 28): RMS-normalise y and M(x) (learnable vectors) before the gate
+    memory_reads_persistent: bool = True  # MAG / MAL (eqs. 26, 29): the memory first reads the persistent tokens
     alpha_bias: float = -6.0  # initial forgetting gate logit
     eta_bias: float = 2.0  # initial momentum gate logit
     theta_bias: float = 0.0  # initial learning-rate gate logit
@@ -95,6 +125,18 @@ class TitansConfig:
         _check(self.head_dim % 2 == 0, "head_dim", "even (rotary embeddings)", self.head_dim)
         _check(self.memory_kind in MEMORY_KINDS, "memory_kind", f"one of {MEMORY_KINDS}", self.memory_kind)
         _check(self.memory_hidden >= 0, "memory_hidden", ">= 0", self.memory_hidden)
+        _check(
+            self.memory_forget_gate in FORGET_GATES, "memory_forget_gate", f"one of {FORGET_GATES}",
+            self.memory_forget_gate,
+        )  # fmt: skip
+        if self.memory_impl == "pallas":
+            _check(
+                self.memory_kind in KERNEL_MEMORY_KINDS and self.memory_forget_gate == "scalar",
+                "memory_impl",
+                f"'auto' or 'xla' for memory_kind={self.memory_kind!r}, memory_forget_gate="
+                f"{self.memory_forget_gate!r} (the Pallas kernel runs {KERNEL_MEMORY_KINDS} with a scalar gate)",
+                self.memory_impl,
+            )
         _check(self.memory_layers >= 2, "memory_layers", ">= 2", self.memory_layers)
         _check(self.memory_max_lr > 0, "memory_max_lr", "> 0", self.memory_max_lr)
         _check(self.max_surprise_norm >= 0, "max_surprise_norm", ">= 0 (0 = off)", self.max_surprise_norm)
@@ -274,16 +316,30 @@ class TitansLayer(nnx.Module):
                     eta_bias=cfg.eta_bias,
                     theta_bias=cfg.theta_bias,
                     retrieval_query=cfg.variant == "mac",
+                    forget_gate=cfg.memory_forget_gate,
+                    output_gate=cfg.memory_output_gate,
                     init_std=init_std,
                     out_init_std=out_init_std,
                     rngs=rngs,
                 )
             )
         self.norm_second = nnx.data(norm()) if cfg.variant == "mal" else None
+        branch_norms = cfg.variant == "mag" and cfg.mag_branch_norm  # eq. 28: learnable vector-valued norms
+        self.norm_y = nnx.data(norm() if branch_norms else None)
+        self.norm_m = nnx.data(norm() if branch_norms else None)
+
+    @property
+    def primes_memory(self) -> bool:
+        """MAG / MAL with persistent tokens: the memory reads [persistent; x] (eqs. 26, 29)."""
+        cfg = self.cfg
+        return cfg.memory_reads_persistent and cfg.variant in ("mag", "mal") and self.persistent_PD is not None
 
     def initial_carry(self, batch: int) -> LayerCarry:
         cfg = self.cfg
         mem = self.memory.initial_carry(batch) if self.memory is not None else None
+        if self.primes_memory:  # write the persistent tokens first; their reads are dropped
+            p_BPD = jnp.broadcast_to(self.persistent_PD[...][None], (batch, *self.persistent_PD.shape))
+            _, mem = self.memory(self.norm_mix(p_BPD), mem)
         win = None
         if cfg.has_window_attention:
             kv = jnp.zeros((batch, cfg.window, cfg.num_kv_heads, cfg.head_dim), jnp.float32)
@@ -329,6 +385,8 @@ class TitansLayer(nnx.Module):
         elif v == "mag":
             y, win = self._swa(h, positions_BT, valid_BT, win)
             m, mem = self.memory(h, mem, valid_BT)
+            if self.norm_y is not None:
+                y, m = self.norm_y(y), self.norm_m(m)
             o = y * jax.nn.sigmoid(m)
         elif v == "swa":
             o, win = self._swa(h, positions_BT, valid_BT, win)

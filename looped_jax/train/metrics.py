@@ -1,6 +1,8 @@
 """Metrics to stdout, a JSONL file and TensorBoard.
 
-Paths go through ``etils.epath``, so ``gs://bucket/run`` works like a local directory. On a
+Paths go through ``etils.epath``, so ``gs://bucket/run`` works like a local directory (TensorBoard
+events for a URL are written to a local staging directory and copied through epath at every flush and
+at most every ``sync_every_s`` seconds: tensorboardX's own GCS writer needs credentials of its own). On a
 terminal the train rows become one tqdm-style progress line (step/total, loss, tokens/s, ETA);
 in a log file every row is a plain line. After a resume, `truncate_after` drops the rows of
 steps the run will redo, and `read_metrics` keeps one row per (split, step) either way.
@@ -10,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -44,13 +48,24 @@ def read_metrics(path) -> list[dict]:
 class MetricsLogger:
     """Writes one JSON line per ``write`` call and the same scalars to TensorBoard (if installed)."""
 
-    def __init__(self, output_dir, *, tensorboard: bool = True, stdout: bool = True, progress: bool | None = None):
+    def __init__(
+        self,
+        output_dir,
+        *,
+        tensorboard: bool = True,
+        stdout: bool = True,
+        progress: bool | None = None,
+        sync_every_s: float = 60.0,
+    ):
         self.stdout = stdout
         self.progress = sys.stdout.isatty() if progress is None else progress
         self.path = None
         self.tb = None
         self._t0 = time.perf_counter()
         self._progress_open = False
+        self._tb_remote = None  # (local staging dir, URL dir) when TensorBoard goes to a URL
+        self._sync_every_s = sync_every_s
+        self._last_sync = time.monotonic()
         if output_dir is not None:
             out = _as_path(output_dir)
             out.mkdir(parents=True, exist_ok=True)
@@ -59,9 +74,24 @@ class MetricsLogger:
                 try:
                     from tensorboardX import SummaryWriter
 
-                    self.tb = SummaryWriter(str(out / "tensorboard"))  # str(epath) keeps gs://
+                    if "://" in str(out):
+                        staging = tempfile.mkdtemp(prefix="looped_jax_tb_")
+                        self._tb_remote = (staging, out / "tensorboard")
+                        self.tb = SummaryWriter(staging)
+                    else:
+                        self.tb = SummaryWriter(str(out / "tensorboard"))
                 except ImportError:  # TensorBoard output is optional
                     self.tb = None
+
+    def _sync_tensorboard(self) -> None:
+        """Copies the staged event files to the URL directory (whole files: they are small and append-only)."""
+        if self._tb_remote is None:
+            return
+        staging, remote = self._tb_remote
+        remote.mkdir(parents=True, exist_ok=True)
+        for f in epath.Path(staging).iterdir():
+            (remote / f.name).write_bytes(f.read_bytes())
+        self._last_sync = time.monotonic()
 
     def truncate_after(self, step: int) -> int:
         """Drops rows with a step after ``step`` (a resumed run redoes them); returns how many."""
@@ -84,6 +114,9 @@ class MetricsLogger:
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(f"{prefix}/{k}", v, step)
+            if self._tb_remote is not None and time.monotonic() - self._last_sync > self._sync_every_s:
+                self.tb.flush()
+                self._sync_tensorboard()
         if self.stdout:
             if self.progress and prefix == "train" and total:
                 self._progress_line(step, total, scalars)
@@ -117,11 +150,17 @@ class MetricsLogger:
         self._end_progress()
         if self.tb is not None:
             self.tb.flush()
+            self._sync_tensorboard()
 
     def close(self) -> None:
         self.flush()
         if self.tb is not None:
             self.tb.close()
+            self._sync_tensorboard()
+            if self._tb_remote is not None:
+                shutil.rmtree(self._tb_remote[0], ignore_errors=True)
+                self._tb_remote = None
+            self.tb = None
 
 
 def _fmt(v: float) -> str:

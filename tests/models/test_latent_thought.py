@@ -72,11 +72,13 @@ def test_inner_learning_rate_is_cosine_to_a_tenth():
     assert np.all(np.diff(lrs) < 0)
 
 
-def reference_inner_adam(model, batch, post0, eps_of_step, num_steps):
+def reference_inner_adam(model, batch, post0, eps_of_step, num_steps, *, weight_decay=0.0, span=None):
     """The inner loop written out by hand: Adam (Kingma & Ba 2015, Alg. 1) on (mu, log sigma^2) of the
-    summed negative ELBO, learning rate inner_lr -> inner_lr * end_ratio by a cosine over the steps;
-    step t samples z with eps_of_step(t)."""
+    summed negative ELBO, learning rate inner_lr -> inner_lr * end_ratio by a cosine over the steps
+    (decay ratio t / span, span = num_steps - 1 by default); step t samples z with eps_of_step(t).
+    ``weight_decay`` > 0 is torch's AdamW: x <- x - lr (adam step + weight_decay x)."""
     cfg = model.cfg
+    span = max(num_steps - 1, 1) if span is None else span
     has_tokens = (batch["weights"].sum(-1) > 0).astype(jnp.float32)
 
     def neg_elbo(mu, logvar, eps):
@@ -90,7 +92,7 @@ def reference_inner_adam(model, batch, post0, eps_of_step, num_steps):
     values = []
     end = cfg.inner_lr * cfg.inner_lr_end_ratio
     for t in range(num_steps):
-        lr = end + (cfg.inner_lr - end) * 0.5 * (1.0 + math.cos(math.pi * t / max(num_steps - 1, 1)))
+        lr = end + (cfg.inner_lr - end) * 0.5 * (1.0 + math.cos(math.pi * t / span))
         value, g = jax.value_and_grad(neg_elbo, argnums=(0, 1))(*x, eps_of_step(t))
         values.append(value)
         for i in range(2):
@@ -98,7 +100,7 @@ def reference_inner_adam(model, batch, post0, eps_of_step, num_steps):
             v[i] = cfg.inner_b2 * v[i] + (1.0 - cfg.inner_b2) * g[i] * g[i]
             m_hat = m[i] / (1.0 - cfg.inner_b1 ** (t + 1))
             v_hat = v[i] / (1.0 - cfg.inner_b2 ** (t + 1))
-            x[i] = x[i] - lr * m_hat / (jnp.sqrt(v_hat) + cfg.inner_eps)
+            x[i] = x[i] - lr * (m_hat / (jnp.sqrt(v_hat) + cfg.inner_eps) + weight_decay * x[i])
     return Posterior(*x), jnp.stack(values)
 
 
@@ -294,11 +296,133 @@ def test_generate_shapes_and_determinism():
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("num_latents", 0), ("window", 0), ("inner_lr", 0.0), ("inner_lr_end_ratio", 1.5)]
+    ("field", "value"),
+    [
+        ("num_latents", 0),
+        ("window", 0),
+        ("inner_lr", 0.0),
+        ("inner_lr_end_ratio", 1.5),
+        ("latent_positions", "middle"),
+        ("inner_optimizer", "sgd"),
+        ("inner_schedule", "linear"),
+        ("inner_weight_decay", -0.1),
+    ],
 )
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"model.{field}"):
         dataclasses.replace(TINY, **{field: value})
+
+
+def test_paper_latent_positions_need_room_for_every_latent():
+    """latent_positions='paper' spaces the latents latent_span // (num_latents * num_layers) apart: a span
+    shorter than num_latents * num_layers (interval 0) is an error naming latent_span."""
+    with pytest.raises(ValueError, match="model.latent_span"):
+        dataclasses.replace(TINY, latent_positions="paper", latent_span=5)
+
+
+def test_paper_latent_positions_follow_the_authors_interval():
+    """'paper': k * (latent_span // (num_latents * num_layers)) (16 // 6 = 2: 0, 2, 4), the same for every
+    layer; 'spread' (ours): evenly over [0, latent_span - 1]; the positions reach the decoder's logits."""
+    paper, spread = make(latent_positions="paper"), make()
+    np.testing.assert_allclose(paper.latent_positions(), [[0.0, 2.0, 4.0]])
+    np.testing.assert_allclose(spread.latent_positions(), [[0.0, 7.5, 15.0]])
+    _, params = nnx.split(spread)
+    graphdef_paper, _ = nnx.split(paper)
+    z = jax.random.normal(jax.random.key(3), TINY.latent_shape(B))
+    a = jax.jit(lambda p: nnx.merge(graphdef_paper, p).decode(z, tokens()))(params)
+    b = jax.jit(lambda p: spread.decode(z, tokens()))(params)
+    assert float(jnp.abs(a - b).max()) > 1e-4  # same weights, other positions: other logits
+
+
+def test_paper_inner_schedule_decays_by_t_over_steps():
+    """'paper' (the authors'): lr_t = end + (lr - end) (1 + cos(pi t / N)) / 2, so step N - 1 is above the end."""
+    cfg = dataclasses.replace(TINY, inner_schedule="paper")
+    lrs = np.asarray(inner_learning_rates(cfg, 4))
+    end = 0.03
+    expected = [end + (0.3 - end) * 0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(4)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-6)
+    assert lrs[-1] > end * 1.5
+
+
+def test_inner_loop_is_adamw_on_the_paper_schedule():
+    """inner_optimizer='adamw' with inner_schedule='paper' equals the hand-written torch AdamW (decoupled
+    decay on mu and log sigma^2; a large decay so that it matters) on the authors' schedule, step for step."""
+    # The Adam test's non-default b1, b2, eps and schedule: with b2 = 0.999 and eps ~ 0 Adam divides tiny
+    # gradients by their own size and amplifies the scan's float32 rounding (~2e-6, with or without decay).
+    model = make(
+        num_layers=1,
+        inner_optimizer="adamw",
+        inner_weight_decay=0.5,
+        inner_schedule="paper",
+        inner_b1=0.8,
+        inner_b2=0.95,
+        inner_eps=1e-2,
+        inner_lr=0.2,
+        inner_lr_end_ratio=0.25,
+        kl_weight=0.5,
+    )
+    graphdef, params = nnx.split(model)
+    batch = text_batch()
+    eps = jax.random.normal(jax.random.key(4), model.cfg.latent_shape(B))
+    post0 = init_posterior(model.cfg, B, jax.random.key(6))
+
+    @jax.jit
+    def run(params):
+        m = nnx.merge(graphdef, params)
+        post, trace, _ = m.infer_posterior(batch, post0, eps, 3)
+        ref = reference_inner_adam(m, batch, post0, lambda t: eps, 3, weight_decay=0.5, span=3)
+        plain = reference_inner_adam(m, batch, post0, lambda t: eps, 3, span=3)
+        return post, trace, ref, plain
+
+    post, trace, (ref_post, ref_trace), (plain_post, _) = run(params)
+    assert float(jnp.abs(ref_post.logvar - plain_post.logvar).max()) > 1e-2  # the decay moved log sigma^2
+    np.testing.assert_allclose(post.mu, ref_post.mu, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(post.logvar, ref_post.logvar, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(trace, ref_trace, rtol=1e-6)
+
+
+def test_elbo_reports_the_paper_protocol():
+    """paper_ppl_sum = sum over sequences of exp((NLL_i + KL_i) / T_i) at the eps the posterior was fitted
+    to (the authors' evaluation), beside the bound; padded rows count neither as sequences nor as tokens."""
+    model = make()
+    graphdef, params = nnx.split(model)
+    batch = text_batch()
+    batch["weights"] = batch["weights"].at[1].set(0.0)  # row 1 is padding
+    rng = jax.random.key(11)
+
+    @jax.jit
+    def run(p):
+        m = nnx.merge(graphdef, p)
+        out = m.elbo(batch, 2, rng, num_samples=1)
+        post, eps, _, _ = m._posterior_for(batch, 2, jax.random.split(rng)[0])
+        nll_B, _ = m.row_nll(sample_latents(post, eps), batch)
+        return out, nll_B, kl_to_prior(post)
+
+    out, nll_B, kl_B = run(params)
+    t0 = float(batch["weights"][0].sum())
+    np.testing.assert_allclose(float(out["paper_ppl_sum"]), math.exp((nll_B[0] + kl_B[0]) / t0), rtol=1e-5)
+    assert float(out["num_sequences"]) == 1.0
+
+
+def test_published_configs_use_the_paper_settings():
+    """ltm_s / ltm_m / ltm_l: the authors' inner loop (AdamW, decay 0.01, their schedule, mu_0 = 0) and
+    latent positions, 512 x 1024 = 524,288 tokens per step; LTM-M 96 latents (16 per layer) and LTM-L 96
+    (8 per layer) with 64 inner steps, LTM-S 24 (8 per layer) with 16."""
+    from pathlib import Path
+
+    from looped_jax.config import load_config
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    expected = {"ltm_s": (3, 8, 16), "ltm_m": (6, 16, 64), "ltm_l": (12, 8, 64)}
+    for name, (layers, latents, steps) in expected.items():
+        cfg = load_config(root / f"{name}.py")
+        m = cfg.model
+        assert (m.num_layers, m.num_latents, m.inner_steps) == (layers, latents, steps), name
+        assert (m.inner_optimizer, m.inner_weight_decay, m.inner_schedule) == ("adamw", 0.01, "paper"), name
+        assert (m.latent_positions, m.init_mu_std, m.inner_lr) == ("paper", 0.0, 0.3), name
+        assert cfg.train.global_batch_size * cfg.data.seq_len == 524_288, name
+    cpu = load_config(root / "ltm_cpu.py").model
+    assert (cpu.inner_optimizer, cpu.inner_schedule, cpu.latent_positions) == ("adam", "cosine", "spread")
 
 
 def test_decode_rejects_wrong_latent_shape():
