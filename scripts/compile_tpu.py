@@ -85,6 +85,7 @@ SMALL_CONFIGS = (
     "trm_sudoku_cpu.py",
     "gram_sudoku_cpu.py",
     "ltm_cpu.py",
+    "rmt_passkey_cpu.py",
 )
 SMALL_OVERRIDES = ("--config.mesh.data=4", "--config.mesh.fsdp=1", "--config.mesh.tensor=1")
 
