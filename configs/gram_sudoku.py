@@ -14,6 +14,8 @@ from looped_jax.config import CheckpointConfig, ExperimentConfig, OptimConfig, T
 from looped_jax.data import DataConfig
 from looped_jax.models.gram import GramConfig
 
+TARGET_TOPOLOGY = "v5e:16x16"  # the slice this config is planned for (scripts/compile_tpu.py --all)
+
 
 def get_config() -> ExperimentConfig:
     data = DataConfig(

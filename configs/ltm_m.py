@@ -11,6 +11,8 @@ from pathlib import Path
 
 from looped_jax.config import ExperimentConfig, apply_overrides, load_config
 
+TARGET_TOPOLOGY = "v5e:16x16"  # the slice this config is planned for (scripts/compile_tpu.py --all)
+
 
 def get_config() -> ExperimentConfig:
     return apply_overrides(

@@ -18,6 +18,8 @@ from looped_jax.config import CheckpointConfig, ExperimentConfig, OptimConfig, T
 from looped_jax.data import DataConfig
 from looped_jax.models.latent_thought import LatentThoughtConfig
 
+TARGET_TOPOLOGY = "v5e:16x16"  # the slice this config is planned for (scripts/compile_tpu.py --all)
+
 SEQ_LEN = 1024
 
 

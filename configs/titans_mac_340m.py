@@ -19,9 +19,11 @@ Data: the model's vocabulary is the paper's 32k; the ``data`` entry is a shape p
 pipeline does not provide. Point data.name / data_dir at a prepared 32k-token data set to train for real.
 """
 
-from looped_jax.config import CheckpointConfig, ExperimentConfig, OptimConfig, TrainConfig
+from looped_jax.config import CheckpointConfig, ExperimentConfig, MeshConfig, OptimConfig, TrainConfig
 from looped_jax.data import DataConfig
 from looped_jax.models.titans import TitansConfig
+
+TARGET_TOPOLOGY = "v5e:16x16"  # the slice this config is planned for (scripts/compile_tpu.py --all)
 
 
 def get_config() -> ExperimentConfig:
@@ -53,5 +55,7 @@ def get_config() -> ExperimentConfig:
         data=DataConfig(name="bytes_text", seq_len=4096),  # placeholder, see the module docstring
         optim=OptimConfig(learning_rate=4e-4, warmup_steps=2000, weight_decay=0.1, end_learning_rate_ratio=0.1),
         train=TrainConfig(num_steps=28_600, global_batch_size=128, log_every=100, output_dir="runs/titans_mac_340m"),
+        # 256 chips, 128 sequences: fsdp 128 splits the batch and the weights, tensor 2 the heads / MLP
+        mesh=MeshConfig(data=1, fsdp=128, tensor=2),
         checkpoint=CheckpointConfig(save_every=1000, keep=3),
     )

@@ -166,7 +166,7 @@ def run_all(args, rest: list[str]) -> int:
                "--topology", topo, "--name", sub, *overrides, *rest]  # fmt: skip
         print(f"[{i + 1}/{len(jobs)}] {path.name} on {topo} ...", file=sys.stderr, flush=True)
         result = ROOT / "runs" / sub / "results.json"
-        if args.reuse and result.is_file():
+        if (args.reuse or args.cached) and result.is_file():
             old = json.loads(result.read_text())["data"]
             digest = config_digest(load_config(path, parse_overrides([*overrides, *rest])))
             if old.get("config_digest") == digest:
@@ -175,6 +175,12 @@ def run_all(args, rest: list[str]) -> int:
                 failed += old.get("fits") is False
                 print(f"    reused {result} (same config)", file=sys.stderr, flush=True)
                 continue
+        if args.cached:  # table of stored results only
+            rows.append([path.name, topo, "-", "-", "-", "-", "not compiled yet (run without --cached)", "-", "-", "-",
+                         "-"])  # fmt: skip
+            data.append({"config": path.name, "topology": topo, "returncode": None, "stats": None})
+            failed += 1
+            continue
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
@@ -213,6 +219,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--only", help="with --all: only configs whose file name contains this")
     parser.add_argument("--timeout", type=float, default=3600, help="with --all: seconds per compile")
     parser.add_argument("--reuse", action="store_true", help="with --all: keep a result whose config is unchanged")
+    parser.add_argument("--cached", action="store_true", help="with --all: only gather stored results, compile nothing")
     parser.add_argument("--topology", default="v5e:4x4", help="a TPU topology name, e.g. v5e:16x16")
     parser.add_argument("--name", default="compile_tpu", help="results go to runs/<name>/")
     args, rest = parser.parse_known_args(argv)
