@@ -42,6 +42,18 @@ compiles and runs slower than the kernel path (no benchmark yet).
 Everything the memory carries between calls (memory weights, momentum, the last ``conv_kernel - 1`` projected
 inputs of the convolution) lives in :class:`MemoryCarry`, so a stream of chunks fed one after another gives the
 same outputs as one call over the whole sequence (for chunks that are whole multiples of ``chunk_size``).
+
+Sleep-style consolidation (``consolidation_passes=N > 0``, off by default): a call made with ``consolidate=True``
+treats its tokens as one *segment* that has just been read (the caller decides what a segment is; Titans uses
+the MAC segment or a block of ``window`` tokens). After the ordinary update over the segment, N extra offline
+passes of the same memory update run over the segment's keys/values, starting from the post-segment state
+(weights AND momentum); pass p (0-based) uses the segment's own gates alpha, eta and theta, except that theta is
+multiplied by ``consolidation_lr_decay ** (p + 1)``; invalid tokens stay no-ops. With ``replay=R > 0`` each pass
+first replays the R most recent earlier segments (oldest first, each with its own stored gates and the same
+decayed theta), then the current segment. Those segments' keys, values, gates and masks live in a ring buffer,
+:class:`ReplayBuffer` in ``MemoryCarry.replay`` (slots not yet filled are all-invalid, hence no-ops), so
+streaming stays exact. The passes change only the state handed to what follows; the call's reads are those of
+the ordinary update. ``consolidation_passes=0`` (the default) runs exactly the code it ran before.
 """
 
 from __future__ import annotations
@@ -66,11 +78,26 @@ KERNEL_MEMORY_KINDS = ("linear", "mlp")  # what pallas_kernels.memory_update run
 FORGET_GATES = ("scalar", "channel")
 
 
+class ReplayBuffer(NamedTuple):
+    """The memory inputs of the last R consolidated segments, oldest first (axis 0), each padded to S tokens:
+    keys/values ``[R, B, H, S, K]``, gates ``alpha`` ``[R, B, H, S]`` (``[R, B, H, S, A]`` channel-wise), ``eta``,
+    ``theta`` and ``valid`` ``[R, B, H, S]`` (False for padding and for slots not yet filled)."""
+
+    k_RBHSK: jax.Array
+    v_RBHSK: jax.Array
+    alpha_RBHS: jax.Array
+    eta_RBHS: jax.Array
+    theta_RBHS: jax.Array
+    valid_RBHS: jax.Array
+
+
 class MemoryCarry(NamedTuple):
-    """Streaming state of one memory: weights/momentum ``[B, H, ...]`` (float32), conv inputs ``[B, L-1, 3, H, K]``."""
+    """Streaming state of one memory: weights/momentum ``[B, H, ...]`` (float32), conv inputs ``[B, L-1, 3, H, K]``
+    and, with ``replay > 0``, the consolidation ring buffer (None otherwise)."""
 
     state: MemoryState
     conv_BL3HK: jax.Array
+    replay: ReplayBuffer | None = None
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -240,6 +267,10 @@ class NeuralMemory(nnx.Module):
         init_std: float,
         out_init_std: float,
         rngs: nnx.Rngs,
+        consolidation_passes: int = 0,
+        consolidation_lr_decay: float = 1.0,
+        replay: int = 0,
+        segment_len: int = 0,
     ):
         if memory not in MEMORY_KINDS:
             raise ValueError(f"memory must be one of {MEMORY_KINDS}, got {memory!r}")
@@ -255,6 +286,16 @@ class NeuralMemory(nnx.Module):
             raise ValueError(f"conv_kernel must be >= 1, got {conv_kernel}")
         if not max_lr > 0:
             raise ValueError(f"max_lr must be > 0, got {max_lr}")
+        if consolidation_passes < 0:
+            raise ValueError(f"consolidation_passes must be >= 0, got {consolidation_passes}")
+        if not 0 < consolidation_lr_decay <= 1:
+            raise ValueError(f"consolidation_lr_decay must be in (0, 1], got {consolidation_lr_decay}")
+        if replay < 0 or (replay > 0 and consolidation_passes == 0):
+            raise ValueError(f"replay must be >= 0, and 0 when consolidation_passes == 0, got {replay}")
+        if replay > 0 and segment_len < 1:
+            raise ValueError(f"replay > 0 needs the segment length (segment_len >= 1), got {segment_len}")
+        self.consolidation_passes, self.consolidation_lr_decay = consolidation_passes, consolidation_lr_decay
+        self.replay, self.segment_len = replay, segment_len
         self.num_heads, self.head_dim, self.memory = num_heads, head_dim, memory
         self.hidden = hidden or (4 * head_dim if memory == "mlp_ln" else head_dim)
         self.forget_gate, self.output_gate = forget_gate, output_gate
@@ -315,7 +356,15 @@ class NeuralMemory(nnx.Module):
         H, K = self.num_heads, self.head_dim
         weights = tuple(jnp.broadcast_to(w[...].astype(jnp.float32), (batch, *w.shape)) for w in self.init_weights)
         state = MemoryState(weights, tuple(jnp.zeros_like(w) for w in weights))
-        return MemoryCarry(state, jnp.zeros((batch, self.conv_kernel - 1, 3, H, K), jnp.float32))
+        conv = jnp.zeros((batch, self.conv_kernel - 1, 3, H, K), jnp.float32)
+        if self.replay == 0:
+            return MemoryCarry(state, conv)
+        R, S = self.replay, self.segment_len
+        A = (sum(w.shape[-1] for w in weights),) if self.forget_gate == "channel" else ()
+        kv = jnp.zeros((R, batch, H, S, K), jnp.float32)
+        g = jnp.zeros((R, batch, H, S), jnp.float32)
+        buf = ReplayBuffer(kv, kv, jnp.zeros((*g.shape, *A), jnp.float32), g, g, jnp.zeros(g.shape, bool))
+        return MemoryCarry(state, conv, buf)
 
     def features(self, x_BTD: jax.Array, conv_BL3HK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """``q, k, v`` as ``[B, H, T, K]`` (float32) and the new convolution history."""
@@ -361,21 +410,15 @@ class NeuralMemory(nnx.Module):
             y = y * jax.nn.sigmoid(jnp.moveaxis(g_BTHK, 1, 2))
         return jnp.einsum("bhtk,hkd->btd", y, self.out_HKD[...])
 
-    def __call__(
-        self, x_BTD: jax.Array, carry: MemoryCarry, valid_BT: jax.Array | None = None
-    ) -> tuple[jax.Array, MemoryCarry]:
-        """Writes the tokens into the memory and reads ``M_t(q_t)`` after each write (eq. 15); ``[B, T, D]``.
-        Tokens with ``valid_BT`` False leave the memory and its momentum unchanged and read ``M_{t-1}(q_t)``."""
-        q, k, v, conv = self.features(x_BTD, carry.conv_BL3HK)
-        alpha, eta, theta = self.gates(x_BTD, valid_BT)
+    def _update(self, q, k, v, alpha, eta, theta, state: MemoryState, valid_BHT):
+        """One run of the memory update (the op, or memory_update_dual) over ``[B, H, T, ...]`` inputs from
+        ``state``: ``(y_BHTK, final_state)``; ``valid_BHT`` None = every token valid."""
         if not self.uses_kernel_op:
             alpha = alpha if alpha.ndim == 4 else alpha[..., None]
-            y_BHTK, state = memory_update_dual(
-                q, k, v, alpha, eta, theta, carry.state, chunk_size=self.chunk_size, memory=self.memory,
-                max_surprise_norm=self.max_surprise_norm, valid_BHT=None if valid_BT is None else
-                jnp.broadcast_to(valid_BT.astype(bool)[:, None, :], eta.shape),
+            return memory_update_dual(
+                q, k, v, alpha, eta, theta, state, chunk_size=self.chunk_size, memory=self.memory,
+                max_surprise_norm=self.max_surprise_norm, valid_BHT=valid_BHT,
             )  # fmt: skip
-            return self.output(y_BHTK, x_BTD), MemoryCarry(state, conv)
         update = partial(
             memory_update,
             chunk_size=self.chunk_size,
@@ -386,15 +429,63 @@ class NeuralMemory(nnx.Module):
         )
         # under shard_map over batch and heads: the Pallas kernel cannot be partitioned automatically
         bhtk, bht = ("batch", "heads", None, None), ("batch", "heads", None)
-        args, axes = (q, k, v, alpha, eta, theta, carry.state), (bhtk, bhtk, bhtk, bht, bht, bht, bhtk)
-        if valid_BT is None:
+        args, axes = (q, k, v, alpha, eta, theta, state), (bhtk, bhtk, bhtk, bht, bht, bht, bhtk)
+        if valid_BHT is None:
             kernel = update
         else:
-            args += (jnp.broadcast_to(valid_BT.astype(bool)[:, None, :], alpha.shape),)
+            args += (valid_BHT,)
             axes += (bht,)
             kernel = lambda *a: update(*a[:7], valid_BHT=a[7])  # noqa: E731
-        y_BHTK, state = shd.shard_kernel(kernel, args, axes, (bhtk, bhtk), batch=q.shape[0], heads=(q.shape[1],))
-        return self.output(y_BHTK, x_BTD), MemoryCarry(state, conv)
+        return shd.shard_kernel(kernel, args, axes, (bhtk, bhtk), batch=q.shape[0], heads=(q.shape[1],))
+
+    def consolidate(
+        self, state: MemoryState, replay: ReplayBuffer | None, k, v, alpha, eta, theta, valid_BHT
+    ) -> tuple[MemoryState, ReplayBuffer | None]:
+        """``consolidation_passes`` offline passes over one just-read segment (inputs ``[B, H, T, ...]``, gates as
+        :meth:`gates` returns them) from the post-segment ``state``; each pass replays the buffered segments
+        (oldest first) and then the segment, theta scaled by ``consolidation_lr_decay ** (pass + 1)``. Returns the
+        consolidated state and the ring buffer with the segment pushed in (oldest dropped)."""
+        N, R = self.consolidation_passes, self.replay
+        if N == 0:
+            return state, replay
+        scales_N = self.consolidation_lr_decay ** jnp.arange(1, N + 1, dtype=jnp.float32)
+
+        def one_pass(st, scale):
+            for r in range(R):  # static: oldest first
+                st = self._update(
+                    replay.k_RBHSK[r], replay.k_RBHSK[r], replay.v_RBHSK[r], replay.alpha_RBHS[r],
+                    replay.eta_RBHS[r], replay.theta_RBHS[r] * scale, st, replay.valid_RBHS[r],
+                )[1]  # fmt: skip
+            return self._update(k, k, v, alpha, eta, theta * scale, st, valid_BHT)[1], None
+
+        state, _ = jax.lax.scan(one_pass, state, scales_N)
+        if R == 0:
+            return state, replay
+        T, S = k.shape[2], self.segment_len
+        if T > S:
+            raise ValueError(f"a consolidated segment has {T} tokens, more than segment_len={S}")
+        padS = lambda a, fill: jnp.pad(a, [(0, 0), (0, 0), (0, S - T)] + [(0, 0)] * (a.ndim - 3), constant_values=fill)
+        new = ReplayBuffer(
+            padS(k, 0.0), padS(v, 0.0), padS(alpha, 0.0), padS(eta, 1.0), padS(theta, 0.0), padS(valid_BHT, False)
+        )
+        push = lambda buf, x: jnp.concatenate([buf[1:], x[None].astype(buf.dtype)], axis=0)
+        return state, jax.tree.map(push, replay, new)
+
+    def __call__(
+        self, x_BTD: jax.Array, carry: MemoryCarry, valid_BT: jax.Array | None = None, *, consolidate: bool = False
+    ) -> tuple[jax.Array, MemoryCarry]:
+        """Writes the tokens into the memory and reads ``M_t(q_t)`` after each write (eq. 15); ``[B, T, D]``.
+        Tokens with ``valid_BT`` False leave the memory and its momentum unchanged and read ``M_{t-1}(q_t)``.
+        ``consolidate=True``: the tokens are one segment; after the reads run :meth:`consolidate` on the state."""
+        q, k, v, conv = self.features(x_BTD, carry.conv_BL3HK)
+        alpha, eta, theta = self.gates(x_BTD, valid_BT)
+        valid_BHT = None if valid_BT is None else jnp.broadcast_to(valid_BT.astype(bool)[:, None, :], eta.shape)
+        y_BHTK, state = self._update(q, k, v, alpha, eta, theta, carry.state, valid_BHT)
+        replay = carry.replay
+        if consolidate and self.consolidation_passes > 0:
+            valid = jnp.ones(eta.shape, bool) if valid_BHT is None else valid_BHT
+            state, replay = self.consolidate(state, replay, k, v, alpha, eta, theta, valid)
+        return self.output(y_BHTK, x_BTD), MemoryCarry(state, conv, replay)
 
     def retrieve(self, x_BTD: jax.Array, state: MemoryState) -> jax.Array:
         """``M*(q)`` with the given memory, no update (MAC reads ``M_{t-1}`` with the segment's queries, eq. 21)."""

@@ -49,6 +49,19 @@ Departures from the paper:
 * the memory output gate is per head and channel, ``sigmoid(linear(x))`` of the memory's input;
 * the MAC segment is attended as one block (no separate per-segment window).
 
+Sleep-style consolidation (``consolidation_passes``, ``consolidation_lr_decay``, ``replay``; off by default, and
+then the model is exactly the one without them): when a *segment* has been read, the memory runs
+``consolidation_passes`` extra offline passes of its update over that segment before the next segment is read
+(looped_jax/models/neural_memory.py, ``NeuralMemory.consolidate``). A segment is the MAC segment
+(``segment_len`` tokens) for ``mac`` and a block of ``window`` tokens -- the tokens that then leave the sliding
+window -- for ``mag``, ``mal`` and ``lmm`` (blocks counted from the start of each call; a shorter last block is a
+segment too; ``lmm`` has no attention but uses the same ``window`` blocks). The passes reuse the segment's gates
+(theta scaled by ``consolidation_lr_decay ** (pass + 1)``), keep invalid tokens no-ops and change only the memory
+state handed to later segments, never the segment's own outputs. With ``replay=R`` every pass first replays the R
+previous segments (oldest first) from a ring buffer in the streaming state. The persistent tokens' write in
+``init_state`` is not consolidated. With consolidation on, ``stream_multiple`` of mag/mal/lmm becomes
+``lcm(memory_chunk_size, window)``. The passes are a test-time knob as well: the parameters do not depend on them.
+
 Limitations: rows are single sequences; ``segment_ids == 0`` marks padding (it never writes into the memory) but
 several documents packed in one row would share the memory.
 """
@@ -108,6 +121,9 @@ class TitansConfig:
     alpha_bias: float = -6.0  # initial forgetting gate logit
     eta_bias: float = 2.0  # initial momentum gate logit
     theta_bias: float = 0.0  # initial learning-rate gate logit
+    consolidation_passes: int = 0  # extra offline memory-update passes over each segment once it has been read
+    consolidation_lr_decay: float = 1.0  # pass p (0-based) scales theta by consolidation_lr_decay ** (p + 1)
+    replay: int = 0  # each consolidation pass also replays the R previous segments (oldest first)
     tie_embeddings: bool = True
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
@@ -150,6 +166,17 @@ class TitansConfig:
                 f"a multiple of memory_chunk_size={self.memory_chunk_size}",
                 self.segment_len,
             )
+        _check(self.consolidation_passes >= 0, "consolidation_passes", ">= 0 (0 = off)", self.consolidation_passes)
+        _check(
+            self.consolidation_passes == 0 or self.has_memory, "consolidation_passes",
+            f"0 for variant={self.variant!r} (no memory)", self.consolidation_passes,
+        )  # fmt: skip
+        _check(0 < self.consolidation_lr_decay <= 1, "consolidation_lr_decay", "in (0, 1]", self.consolidation_lr_decay)
+        _check(self.replay >= 0, "replay", ">= 0 (0 = off)", self.replay)
+        _check(
+            self.replay == 0 or self.consolidation_passes > 0, "replay",
+            "0 when consolidation_passes == 0 (segments are replayed once per consolidation pass)", self.replay,
+        )  # fmt: skip
         _check(self.rope_theta > 0, "rope_theta", "> 0", self.rope_theta)
         _check(self.norm_eps > 0, "norm_eps", "> 0", self.norm_eps)
         _check(self.dtype in ("float32", "bfloat16"), "dtype", "'float32' or 'bfloat16'", self.dtype)
@@ -165,7 +192,16 @@ class TitansConfig:
     @property
     def stream_multiple(self) -> int:
         """Stream chunks must be multiples of this for streaming to equal the one-shot forward."""
-        return self.segment_len if self.variant == "mac" else self.memory_chunk_size
+        if self.variant == "mac":
+            return self.segment_len
+        if self.consolidation_passes > 0:  # whole memory chunks and whole consolidation segments
+            return math.lcm(self.memory_chunk_size, self.window)
+        return self.memory_chunk_size
+
+    @property
+    def consolidation_segment_len(self) -> int:
+        """Tokens per consolidation segment: the MAC segment, else a block of ``window`` tokens."""
+        return self.segment_len if self.variant == "mac" else self.window
 
 
 class WindowCache(NamedTuple):
@@ -321,6 +357,10 @@ class TitansLayer(nnx.Module):
                     init_std=init_std,
                     out_init_std=out_init_std,
                     rngs=rngs,
+                    consolidation_passes=cfg.consolidation_passes,
+                    consolidation_lr_decay=cfg.consolidation_lr_decay,
+                    replay=cfg.replay,
+                    segment_len=cfg.consolidation_segment_len,
                 )
             )
         self.norm_second = nnx.data(norm()) if cfg.variant == "mal" else None
@@ -370,11 +410,34 @@ class TitansLayer(nnx.Module):
             attn, memory = nnx.merge(graphdef, params)
             h = memory.retrieve(x, c.state)  # M*_{t-1}(q_t), eq. 21
             y = mac_attention(attn, x, h, pos, val, persistent)  # eqs. 22-23
-            m, c = memory(y, c, val)  # eq. 24: update with y, read M_t(y) per token
+            m, c = memory(y, c, val, consolidate=True)  # eq. 24: update with y, read M_t(y) per token
             return c, y * jax.nn.sigmoid(m)  # eq. 25
 
         carry, o = jax.lax.scan(body, carry, (seg(x_BTD), seg(positions_BT), seg(valid_BT)))
         return jnp.moveaxis(o, 0, 1).reshape(B, NS * S, D)[:, :T], carry
+
+    def _memory(self, x_BTD, valid_BT, carry: MemoryCarry) -> tuple[jax.Array, MemoryCarry]:
+        """The memory over x (mag, mal, lmm); with consolidation on, in segments of ``window`` tokens, each
+        consolidated after it is read (a shorter last segment too)."""
+        if self.cfg.consolidation_passes == 0:
+            return self.memory(x_BTD, carry, valid_BT)
+        B, T, D = x_BTD.shape
+        W = self.cfg.window
+        NB, outs = T // W, []
+        if NB:
+            graphdef, params = nnx.split(self.memory)
+            blocks = lambda a: jnp.moveaxis(a[:, : NB * W].reshape(B, NB, W, *a.shape[2:]), 1, 0)
+
+            def body(c: MemoryCarry, inp):
+                x, val = inp
+                return nnx.merge(graphdef, params)(x, c, val, consolidate=True)[::-1]
+
+            carry, o = jax.lax.scan(body, carry, (blocks(x_BTD), blocks(valid_BT)))
+            outs.append(jnp.moveaxis(o, 0, 1).reshape(B, NB * W, D))
+        if T > NB * W:
+            o, carry = self.memory(x_BTD[:, NB * W :], carry, valid_BT[:, NB * W :], consolidate=True)
+            outs.append(o)
+        return jnp.concatenate(outs, axis=1), carry
 
     def __call__(self, x_BTD, positions_BT, valid_BT, carry: LayerCarry) -> tuple[jax.Array, LayerCarry]:
         v = self.cfg.variant
@@ -384,14 +447,14 @@ class TitansLayer(nnx.Module):
             o, mem = self._mac(h, positions_BT, valid_BT, mem)
         elif v == "mag":
             y, win = self._swa(h, positions_BT, valid_BT, win)
-            m, mem = self.memory(h, mem, valid_BT)
+            m, mem = self._memory(h, valid_BT, mem)
             if self.norm_y is not None:
                 y, m = self.norm_y(y), self.norm_m(m)
             o = y * jax.nn.sigmoid(m)
         elif v == "swa":
             o, win = self._swa(h, positions_BT, valid_BT, win)
         else:  # mal, lmm: the memory layer first
-            o, mem = self.memory(h, mem, valid_BT)
+            o, mem = self._memory(h, valid_BT, mem)
         x_BTD = x_BTD + o.astype(x_BTD.dtype)
         if v == "mal":
             o, win = self._swa(self.norm_second(x_BTD), positions_BT, valid_BT, win)
