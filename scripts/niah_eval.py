@@ -36,6 +36,7 @@ LABELS = {
     "mag": "MAG",
     "mal": "MAL",
     "lmm": "LMM (memory only)",
+    "rmt": "RMT (memory tokens)",
 }
 
 
@@ -122,7 +123,7 @@ def main(argv=None) -> None:
         state, history = trainer.fit()
         params = state.eval_params
         res = {
-            "label": LABELS.get(cfg.model.variant, cfg.model.variant),
+            "label": LABELS.get(kind := getattr(cfg.model, "variant", cfg.model.name), kind),
             "config": path,
             "params": count_params(trainer.model(params)),
             "steps": history["steps"],
