@@ -154,6 +154,47 @@ class TrainConfig:
         check_field(self.mean_loops_ramp_start >= 1, "train.mean_loops_ramp_start", ">= 1", self.mean_loops_ramp_start)
 
 
+# Regression losses of the latent-prediction objective.
+LATENT_LOSSES = ("smooth_l1", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentConfig:
+    """Latent prediction (data2vec / JEPA style) added to the family's loss (`looped_jax.train.latent`).
+
+    ``weight`` = 0 turns it off (the default); the family must implement ``hidden_states``."""
+
+    weight: float = 0.0  # lambda: loss = loss_family + weight * loss_latent
+    mask_ratio: float = 0.3  # about this fraction of each row's tokens is masked for the student
+    mask_span: int = 3  # masked spans are this many tokens long
+    mask_token: int = 0  # input id written at masked positions (PAD = 0 in every builder)
+    top_k: int = 2  # targets average the instance-normalised last K layer / loop states
+    teacher_extra_loops: int = 0  # looped families: the teacher runs this many more loops than the student
+    tau_start: float = 0.999  # EMA decay of the teacher, linear from tau_start ...
+    tau_end: float = 0.9999  # ... to tau_end over tau_steps
+    tau_steps: int = 0  # 0 = over train.num_steps
+    loss: str = "smooth_l1"  # or "cosine" (1 - cos)
+    beta: float = 1.0  # smooth-L1 transition point
+    predictor_hidden: int = 0  # predictor MLP width; 0 = 2 * d_model
+
+    def __post_init__(self):
+        check_finite(self, "latent")
+        check_field(self.weight >= 0, "latent.weight", ">= 0 (0 = off)", self.weight)
+        check_field(0 < self.mask_ratio < 1, "latent.mask_ratio", "in (0, 1)", self.mask_ratio)
+        check_field(self.mask_span >= 1, "latent.mask_span", ">= 1", self.mask_span)
+        check_field(self.mask_token >= 0, "latent.mask_token", ">= 0 (a token id)", self.mask_token)
+        check_field(self.top_k >= 1, "latent.top_k", ">= 1", self.top_k)
+        check_field(self.teacher_extra_loops >= 0, "latent.teacher_extra_loops", ">= 0", self.teacher_extra_loops)
+        check_field(0 <= self.tau_start <= 1, "latent.tau_start", "in [0, 1]", self.tau_start)
+        check_field(0 <= self.tau_end <= 1, "latent.tau_end", "in [0, 1]", self.tau_end)
+        check_field(self.tau_steps >= 0, "latent.tau_steps", ">= 0 (0 = the whole run)", self.tau_steps)
+        check_field(self.loss in LATENT_LOSSES, "latent.loss", f"one of {list(LATENT_LOSSES)}", self.loss)
+        check_field(self.beta > 0, "latent.beta", "> 0", self.beta)
+        check_field(
+            self.predictor_hidden >= 0, "latent.predictor_hidden", ">= 0 (0 = 2 * d_model)", self.predictor_hidden
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh sizes; -1 on one axis means "all remaining devices"."""
@@ -189,6 +230,7 @@ class ExperimentConfig:
     train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    latent: LatentConfig = LatentConfig()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,17 @@
-"""Benchmark a recurrent-depth train step on the current backend; prints ONE JSON object.
+"""Benchmark train steps on the current backend; prints ONE JSON object.
 
     python scripts/bench_train.py [--config configs/recurrent_depth_512.py] [--steps 10] \
-        [--config.model.mean_loops=8] [--quick] [--skip_compile_scan] [--skip_memory] [--skip_profile]
+        [--config.model.mean_loops=8] [--quick] [--skip_compile_scan] [--skip_memory] [--skip_profile] \
+        [--families transformer,hrm | all] [--families_only] [--family.data.data_dir=...] [--device]
 
-Writes the README table (tokens/s, MFU, compile times, compiled temp memory) to ``runs/<name>/results.md``
-and the whole JSON object to ``results.json``.
+Writes the README tables (tokens/s, MFU, compile times, compiled temp memory; one row per family
+with --families) to ``runs/<name>/results.md`` and the whole JSON object to ``results.json``.
 
 Measures, in one run (progress goes to stderr):
   1. the backend's matmul peak (a jitted square matmul, best of several runs after warmup);
-  2. train-step throughput on real batches (tokens/s, s/step, the sampled loop counts r);
-  3. MFU: analytic model FLOPs of each step's sampled r over (time x measured f32 matmul peak);
+  2. train-step throughput of the d 512 recurrent-depth config on real batches (tokens/s, s/step,
+     the sampled loop counts r);
+  3. MFU: analytic model FLOPs of each step's sampled r over (time x peak);
   4. compile time of the train step at mean_loops 4 vs 64 (r is traced: should be equal), and of
      the forward with a static loop count 4 vs 64 (a scan: should be nearly equal);
   5. compiled temp memory of the train step at mean_loops 8 vs 64, and of the loss' forward +
@@ -17,7 +19,21 @@ Measures, in one run (progress goes to stderr):
      to grad_steps=r (full backprop: grows with r);
   6. (profile) a breakdown: one core iteration forward, forward + backward, with and without the
      packed-sequence mask, the optimizer update and the host data pipeline, plus a fit of the
-     step time against r.
+     step time against r;
+  7. (--families) each named family's CPU config (see FAMILIES) through the real trainer's jitted
+     train step: compile time, median step time after warmup, tokens/s, FLOPs per step as XLA's
+     ``cost_analysis()`` counts them for the compiled step, and MFU = FLOPs / step time / peak.
+     XLA counts the body of a while loop (lax.scan / fori_loop / while_loop) once, not once per
+     iteration, so for families that loop the FLOPs and MFU are lower bounds. --family.<section>.<field>
+     overrides apply to every family's config (e.g. --family.data.data_dir=/tmp/tfds).
+
+The peak: on CPU, the matmul peak measured in the same run (the higher of a measurement before and
+one after the steps, in the model's dtype). With --device (GPU or TPU only; it refuses on CPU) the
+peak is the chip's published dense bf16 FLOP/s (PUBLISHED_PEAK_FLOPS, keyed on the device kind)
+times the number of chips, or the measured bf16 matmul peak, with a note, for a chip not in the
+table. --device is the one command to time the train step the first time an accelerator is lent:
+
+    python scripts/bench_train.py --device --families all --skip_compile_scan --skip_memory
 """
 
 from __future__ import annotations
@@ -52,6 +68,133 @@ FLOPS_FORMULA = (
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+class UsageError(ValueError):
+    """A bad command line or an unusable machine: ``main`` prints it and exits with status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# families and peaks
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# family -> (CPU config file, the model.name it builds)
+FAMILIES = {
+    "transformer": ("ar_baseline_cpu.py", "looped"),
+    "recurrent_depth": ("recurrent_depth_chains.py", "recurrent_depth"),
+    "fam": ("fam_passkey_cpu.py", "fam"),
+    "titans": ("titans_mag_cpu.py", "titans"),
+    "rmt": ("rmt_passkey_cpu.py", "rmt"),
+    "hrm": ("hrm_sudoku_cpu.py", "hrm"),
+    "trm": ("trm_sudoku_cpu.py", "trm"),
+    "ltm": ("ltm_cpu.py", "latent_thought"),
+    "gram": ("gram_sudoku_cpu.py", "gram"),
+}
+
+# Published peak dense (no 2:4 sparsity) bf16 matmul FLOP/s per chip, matched in order against
+# jax.devices()[0].device_kind (case-insensitive regex search). Sources (the NVIDIA figures were
+# checked against copies of the datasheets' tables; NVIDIA quotes Hopper/Ampere tensor FLOPS with
+# sparsity, "1/2 lower without"):
+#   NVIDIA H100 datasheet (https://www.nvidia.com/en-us/data-center/h100/): BF16 Tensor Core
+#     1,979 TFLOPS SXM / 1,513 PCIe with sparsity -> 989.4 / 756 dense;
+#   NVIDIA H200 datasheet (https://www.nvidia.com/en-us/data-center/h200/): the H100's GH100 die and
+#     tensor cores, BF16 1,979 TFLOPS (SXM) with sparsity -> 989 dense;
+#   NVIDIA A100 datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf): BF16 Tensor Core
+#     312 TFLOPS dense, 624 with sparsity (SXM and PCIe alike);
+#   Google Cloud TPU docs, "Peak compute per chip (bf16)": v4 275, v5e 197, v5p 459, v6e 918 TFLOPs
+#     (https://cloud.google.com/tpu/docs/v4, .../v5e, .../v5p, .../v6e).
+# JAX names TPUs "TPU v4", "TPU v5 lite" (v5e), "TPU v5" (v5p), "TPU v6 lite" (v6e). Left out, for
+# want of a checked figure, so they fall back to the measured peak: "TPU v4 lite" (v4i), the H100 and
+# H200 NVL boards (lower clocks), GH200, Blackwell and later chips.
+PUBLISHED_PEAK_FLOPS = (
+    (r"\bh200\b(?!.*\bnvl\b)", "NVIDIA H200", 989e12),
+    (r"\bh100\b.*\bpcie\b", "NVIDIA H100 PCIe", 756e12),
+    (r"\bh100\b(?!.*\b(pcie|nvl)\b)", "NVIDIA H100 SXM", 989e12),
+    (r"\ba100\b", "NVIDIA A100", 312e12),
+    (r"^tpu v4$", "TPU v4", 275e12),
+    (r"^tpu v5( ?lite|e)$", "TPU v5e", 197e12),
+    (r"^tpu v5p?$", "TPU v5p", 459e12),
+    (r"^tpu v6( ?lite|e)$", "TPU v6e", 918e12),
+)
+
+
+def published_peak_flops(device_kind: str) -> tuple[str, float] | None:
+    """(chip, published dense bf16 FLOP/s per chip) for a JAX device kind; None when the table lacks it."""
+    import re
+
+    kind = device_kind.strip().lower()
+    for pattern, chip, flops in PUBLISHED_PEAK_FLOPS:
+        if re.search(pattern, kind):
+            return chip, flops
+    return None
+
+
+def parse_families(spec: str) -> list[str]:
+    """``--families`` (a comma list of FAMILIES names, or ``all``) -> family names, in the order given."""
+    if not spec:
+        return []
+    names = list(FAMILIES) if spec.strip() == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown or not names:
+        raise UsageError(f"unknown families {unknown} in --families={spec!r}; valid: {', '.join(FAMILIES)} (or all)")
+    return list(dict.fromkeys(names))  # a name given twice runs once
+
+
+def require_accelerator() -> str:
+    """The backend when it is "gpu" or "tpu"; a UsageError otherwise (``--device`` times accelerators only)."""
+    import jax
+
+    backend = jax.default_backend()
+    if backend not in ("gpu", "tpu"):
+        devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+        raise UsageError(
+            f"--device times a train step on a GPU or TPU, but no accelerator is visible: jax.default_backend() "
+            f"is {backend!r} (devices: {devices}). Install jax with CUDA or TPU support (pip install -e '.[cuda]' "
+            "or '.[tpu]'), check JAX_PLATFORMS, or drop --device to benchmark this backend."
+        )
+    return backend
+
+
+def mfu_peak(measured: dict, dtype: str, *, device: bool) -> dict:
+    """The peak FLOP/s that MFU divides by, with where it comes from.
+
+    CPU (no --device): the measured matmul peak of ``dtype``, the higher of before/after the steps
+    (on a shared machine one measurement can be low and would flatter the MFU). --device: the chip's
+    published dense bf16 peak times the chips in use, or the measured bf16 peak (one chip's matmul,
+    times the chips) with a note when the device kind is not in PUBLISHED_PEAK_FLOPS.
+    """
+    import jax
+
+    if not device:
+        flops = max(measured[dtype], measured.get(f"{dtype}_after", 0.0))
+        return {"source": "measured matmul", "dtype": dtype, "flops_per_s": flops, "rule": "max of before/after"}
+    kind, chips = jax.devices()[0].device_kind, jax.device_count()
+    found = published_peak_flops(kind)
+    if found is not None:
+        chip, per_chip = found
+        return {
+            "source": "published",
+            "dtype": "bfloat16",
+            "chip": chip,
+            "device_kind": kind,
+            "chips": chips,
+            "per_chip_flops_per_s": per_chip,
+            "flops_per_s": per_chip * chips,
+            "rule": "published dense bf16 peak per chip x chips",
+        }
+    per_chip = max(measured["bfloat16"], measured.get("bfloat16_after", 0.0))
+    return {
+        "source": "measured matmul",
+        "dtype": "bfloat16",
+        "device_kind": kind,
+        "chips": chips,
+        "per_chip_flops_per_s": per_chip,
+        "flops_per_s": per_chip * chips,
+        "rule": "max of before/after, x chips",
+        "note": f"device kind {kind!r} is not in PUBLISHED_PEAK_FLOPS: MFU is against the measured bf16 matmul "
+        "peak, which is below the chip's real peak (so this MFU is flattered)",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +431,109 @@ def _quiet_prepare(data_cfg, prepare) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# 7. families
+
+
+def xla_flops(compiled) -> float:
+    """FLOPs of one run of a compiled executable, as XLA's cost analysis counts them (per device).
+
+    XLA counts the body of a while loop once, whatever its trip count, so a jitted function that
+    loops (lax.scan / fori_loop / while_loop) gets fewer FLOPs than it runs.
+    """
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+def load_family_config(family: str, overrides: dict):
+    """The family's CPU config with ``overrides`` (and checkpointing off); checks the model it builds."""
+    from looped_jax.config import apply_overrides, load_config
+
+    filename, model_name = FAMILIES[family]
+    cfg = load_config(CONFIGS / filename)
+    cfg = apply_overrides(cfg, {"checkpoint.enabled": "false", **overrides})
+    if cfg.model.name != model_name:
+        raise ValueError(f"family {family!r}: configs/{filename} builds model {cfg.model.name!r}, not {model_name!r}")
+    return cfg
+
+
+def bench_family(family: str, cfg, steps: int, warmup: int) -> dict:
+    """Compiles the trainer's jitted train step for ``cfg`` and times it on real batches.
+
+    compile_s is lowering + XLA compile of the step (timed apart from running it); the step time is
+    the median of ``steps`` steps after ``warmup`` untimed ones, each waited for with
+    ``jax.block_until_ready``. FLOPs per step: XLA's ``cost_analysis()`` of the compiled step (per
+    device) x the devices in the mesh. ``run`` adds MFU = FLOPs per step / median step time / peak.
+    """
+    import jax
+    import numpy as np
+
+    from looped_jax.data import prepare
+    from looped_jax.train.trainer import Trainer
+
+    _quiet_prepare(cfg.data, prepare)
+    trainer = Trainer(cfg, log=False)
+    it = trainer.make_train_iterator()
+    state = trainer.init_state()
+    first = trainer.global_batch(next(it))
+    with jax.set_mesh(trainer.mesh):
+        t0 = time.perf_counter()
+        lowered = trainer.train_step.lower(state, first)
+        t1 = time.perf_counter()
+        step = lowered.compile()
+        lower_s, compile_s = t1 - t0, time.perf_counter() - t1
+        per_device = xla_flops(step)
+        devices = trainer.mesh.devices.size
+        batches = [first] + [trainer.global_batch(next(it)) for _ in range(warmup + steps - 1)]
+        jax.block_until_ready(batches)  # host data is laid out before the clock starts
+        for batch in batches[:warmup]:
+            state, metrics = step(state, batch)
+            jax.block_until_ready((state, metrics))
+        step_s, loops, loss = [], [], math.nan
+        for i, batch in enumerate(batches[warmup:]):
+            t0 = time.perf_counter()
+            state, metrics = step(state, batch)
+            jax.block_until_ready((state, metrics))
+            step_s.append(time.perf_counter() - t0)
+            loss = float(metrics["loss"])
+            if "num_loops" in metrics:
+                loops.append(int(jax.device_get(metrics["num_loops"])))
+            log(f"{family} step {i + 1}/{steps}: {step_s[-1] * 1e3:.1f} ms loss={loss:.3f}")
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    median = float(np.median(step_s))
+    flops = per_device * devices
+    out = {
+        "config": f"configs/{FAMILIES[family][0]}",
+        "model": cfg.model.name,
+        "dtype": getattr(cfg.model, "dtype", "float32"),
+        "global_batch_size": cfg.train.global_batch_size,
+        "seq_len": cfg.data.seq_len,
+        "tokens_per_step": tokens,
+        "devices": devices,
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "compile_total_s": lower_s + compile_s,
+        "steps": steps,
+        "warmup": warmup,
+        "step_s_median": median,
+        "step_s_all": [round(x, 5) for x in step_s],
+        "tokens_per_s": tokens / median,
+        "xla_flops_per_step_per_device": per_device,
+        "flops_per_step": flops,
+        "flops_source": "XLA cost_analysis() of the compiled train step x devices (loop bodies counted once)",
+        "last_loss": loss,
+    }
+    if cfg.model.name == "recurrent_depth" and loops:
+        # The analytic model FLOPs (section 3) of the sampled r, next to XLA's loop-once count.
+        analytic = [step_flops(cfg.model, cfg.data.seq_len, tokens, r)[0] for r in loops]
+        out["num_loops"] = loops
+        out["analytic_model_flops_per_step_mean"] = float(np.mean(analytic))
+        out["analytic_model_flops_per_s"] = float(np.sum(analytic) / np.sum(step_s))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # 6. profile
 
 
@@ -364,56 +610,104 @@ def run(argv: list[str]) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="a recurrent-depth config file")
-    parser.add_argument("--steps", type=int, default=10, help="timed train steps")
+    parser.add_argument("--steps", type=int, default=10, help="timed train steps (of each family too)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    parser.add_argument("--matmul_size", type=int, default=0, help="matmul size for the peak (0: 2048, quick 256)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes of the recurrent-depth config (smoke test)")
+    parser.add_argument(
+        "--matmul_size", type=int, default=0, help="matmul size for the peak (0: 2048, quick 256, --device 8192)"
+    )
     parser.add_argument("--skip_compile_scan", action="store_true", help="skip compile times at 4 vs 64 loops")
     parser.add_argument("--skip_memory", action="store_true", help="skip the compiled temp memory comparison")
     parser.add_argument("--skip_profile", action="store_true", help="skip the per-piece timing breakdown")
-    parser.add_argument("--name", default="bench_train", help="the table goes to runs/<name>/results.md")
+    parser.add_argument(
+        "--families",
+        default="",
+        help=f"comma list of families whose CPU config to time too, or 'all': {', '.join(FAMILIES)}",
+    )
+    parser.add_argument(
+        "--families_only", action="store_true", help="time only the --families (skip the recurrent-depth bench)"
+    )
+    parser.add_argument(
+        "--device",
+        action="store_true",
+        help="time on the GPU/TPU (refuses without one); MFU against the chip's published bf16 peak",
+    )
+    parser.add_argument("--name", default="bench_train", help="the tables go to runs/<name>/results.md")
     args, rest = parser.parse_known_args(argv)
+    families = parse_families(args.families)  # a bad name fails before any work
+    if args.families_only and not families:
+        raise UsageError("--families_only needs --families (a comma list, or all)")
 
     import jax
 
-    from looped_jax.config import apply_overrides, load_config, parse_overrides
+    if args.device:
+        require_accelerator()
 
-    overrides = parse_overrides(rest)  # --config.section.field=value
+    from looped_jax.config import apply_overrides, load_config, parse_override_groups
+
+    groups = parse_override_groups(rest, ("config", "family"))  # --config.section.field=value, --family....
+    overrides, family_overrides = groups["config"], groups["family"]
+    family_cfgs = {f: load_family_config(f, family_overrides) for f in families}  # bad overrides fail early
     path = args.config
-    cfg = load_config(path)
-    if args.quick:
-        cfg = quick_overrides(cfg)
-    overrides.setdefault("checkpoint.enabled", "false")
-    cfg = apply_overrides(cfg, overrides)
-    if cfg.model.name != "recurrent_depth":
-        raise ValueError(f"bench_train measures recurrent-depth configs, got model.name={cfg.model.name!r}")
-
     result: dict = {
         "name": args.name,
-        "config": path,
-        "overrides": overrides,
-        "quick": args.quick,
+        "device_mode": args.device,
         "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind,
         "num_devices": jax.device_count(),
-        "model": dataclasses.asdict(cfg.model),
-        "seq_len": cfg.data.seq_len,
-        "global_batch_size": cfg.train.global_batch_size,
     }
-    size = args.matmul_size or (256 if args.quick else 2048)
+    cfg = None
+    if not args.families_only:
+        cfg = load_config(path)
+        if args.quick:
+            cfg = quick_overrides(cfg)
+        overrides.setdefault("checkpoint.enabled", "false")
+        cfg = apply_overrides(cfg, overrides)
+        if cfg.model.name != "recurrent_depth":
+            raise ValueError(f"bench_train measures recurrent-depth configs, got model.name={cfg.model.name!r}")
+        result.update(
+            config=path,
+            overrides=overrides,
+            quick=args.quick,
+            model=dataclasses.asdict(cfg.model),
+            seq_len=cfg.data.seq_len,
+            global_batch_size=cfg.train.global_batch_size,
+        )
+    size = args.matmul_size or (256 if args.quick else 8192 if args.device else 2048)
     log(f"matmul peak ({size}^3) ...")
     peak = {"size": size, "float32": matmul_peak_flops(size, "float32")}
     peak["bfloat16"] = matmul_peak_flops(size, "bfloat16")
-    log(f"train steps ({args.steps} timed) ...")
-    train, trainer, batch = bench_train(cfg, args.steps, args.warmup)
+    if cfg is not None:
+        log(f"train steps ({args.steps} timed) ...")
+        train, trainer, batch = bench_train(cfg, args.steps, args.warmup)
+    family_results = {}
+    for family, family_cfg in family_cfgs.items():
+        log(f"family {family} ({FAMILIES[family][0]}): compile + {args.warmup} warmup + {args.steps} timed steps ...")
+        family_results[family] = bench_family(family, family_cfg, args.steps, args.warmup)
     # Measured again after the steps; the higher (conservative) value is the peak: on a shared
     # machine a single measurement can be low and would flatter the MFU.
     peak["float32_after"] = matmul_peak_flops(size, "float32")
     peak["bfloat16_after"] = matmul_peak_flops(size, "bfloat16")
-    dtype = "bfloat16" if cfg.model.dtype == "bfloat16" else "float32"
-    ref_peak = max(peak[dtype], peak[f"{dtype}_after"])
     result["matmul_peak_flops"] = peak
-    result["peak_used_for_mfu"] = {"dtype": dtype, "flops_per_s": ref_peak, "rule": "max of before/after"}
+    if family_results:
+        for out in family_results.values():
+            fam_peak = mfu_peak(peak, "bfloat16" if out["dtype"] == "bfloat16" else "float32", device=args.device)
+            out["peak_used_for_mfu"] = fam_peak
+            out["mfu"] = out["flops_per_step"] / out["step_s_median"] / fam_peak["flops_per_s"]
+            if "analytic_model_flops_per_s" in out:
+                out["analytic_mfu"] = out["analytic_model_flops_per_s"] / fam_peak["flops_per_s"]
+        result["families"] = family_results
+        result["families_flops_note"] = (
+            "flops_per_step is XLA's count: cost_analysis() of the compiled train step (per device) x devices. "
+            "XLA counts a while loop's body (lax.scan / fori_loop / while_loop) once, not per iteration, so for "
+            "families that loop it is a lower bound, and so is their MFU."
+        )
+    if cfg is None:
+        return result
+    dtype = "bfloat16" if cfg.model.dtype == "bfloat16" else "float32"
+    peak_info = mfu_peak(peak, dtype, device=args.device)
+    ref_peak = peak_info["flops_per_s"]
+    result["peak_used_for_mfu"] = peak_info
     result["train"] = train
     result["tokens_per_s"] = train["tokens_per_s"]
     result["step_s"] = train["step_s"]
@@ -474,11 +768,7 @@ def results_table(result: dict):
     peak = result["peak_used_for_mfu"]
     rows = [
         ["tokens/s", f"{result['tokens_per_s']:.0f}"],
-        [
-            f"MFU against the {'f32' if peak['dtype'] == 'float32' else 'bf16'} matmul peak measured in the same run "
-            f"({peak['flops_per_s'] / 1e9:.0f} GFLOP/s)",
-            f"{result['mfu']:.2f} (HFU {result['hfu']:.2f})",
-        ],
+        [f"MFU against {peak_phrase(peak)}", f"{result['mfu']:.2f} (HFU {result['hfu']:.2f})"],
     ]
     c = result.get("compile_s")
     if c:
@@ -523,12 +813,74 @@ def results_table(result: dict):
     return Table(["measure", "value"], rows, title="Training-step benchmark", caption=caption)
 
 
+def peak_phrase(peak: dict) -> str:
+    """How a table names the peak MFU divides by: measured in the run, or the chip's published one."""
+    value = peak["flops_per_s"]
+    amount = f"{value / 1e12:.0f} TFLOP/s" if value >= 1e13 else f"{value / 1e9:.0f} GFLOP/s"
+    dtype = "f32" if peak["dtype"] == "float32" else "bf16"
+    if peak["source"] == "published":
+        return f"the published dense bf16 peak of {peak['chips']} x {peak['chip']} ({amount})"
+    chips = f"{peak['chips']} x " if peak.get("chips", 1) > 1 else ""
+    return f"the {dtype} matmul peak measured in the same run ({chips}{amount})"
+
+
+def families_table(result: dict):
+    """One row per family: compile time, median step time, tokens/s, XLA FLOPs per step and MFU."""
+    from looped_jax.results import Table
+
+    rows = []
+    for family, f in result["families"].items():
+        p = f["peak_used_for_mfu"]
+        rows.append(
+            [
+                family,
+                f"`{f['config']}`",
+                f"{f['global_batch_size']} x {f['seq_len']}",
+                f"{f['compile_total_s']:.1f}",
+                f"{f['step_s_median'] * 1e3:.1f}",
+                f"{f['tokens_per_s']:.0f}",
+                f"{f['flops_per_step'] / 1e9:.3f}",
+                f"{f['mfu']:.3f}",
+                f"{'f32' if p['dtype'] == 'float32' else 'bf16'} {p['flops_per_s'] / 1e9:.0f}",
+            ]
+        )
+    steps = {(f["steps"], f["warmup"]) for f in result["families"].values()}
+    steps_text = ", ".join(f"{n} timed steps after {w} warmup" for n, w in sorted(steps))
+    sources = {f["peak_used_for_mfu"]["source"] for f in result["families"].values()}
+    peak_text = (
+        "the chip's published dense bf16 peak (x chips)"
+        if sources == {"published"}
+        else "the matmul peak measured in the same run in the model's dtype (higher of before / after the steps)"
+    )
+    caption = (
+        f"Each family's CPU config through the trainer's jitted train step on {result['num_devices']} x "
+        f"{result['device_kind']} ({result['backend']}); {steps_text}. Compile = lowering + XLA compile of the "
+        "step; step time = median (waited with jax.block_until_ready); tokens/s = batch x seq_len / median "
+        "step time (padding included). FLOPs per step are XLA's count (cost_analysis() of the compiled step, "
+        "per device x devices), which counts a while loop's body (scan / fori_loop / while_loop) once, not per "
+        f"iteration: for families that loop, FLOPs and MFU are lower bounds. MFU = FLOPs / step time / {peak_text}."
+    )
+    analytic = [(n, f["analytic_mfu"]) for n, f in result["families"].items() if "analytic_mfu" in f]
+    if analytic:
+        caption += " Against the analytic model FLOPs of its sampled loop counts (FLOPS_FORMULA), MFU is " + (
+            ", ".join(f"{mfu:.3f} for {n}" for n, mfu in analytic) + "."
+        )
+    header = ["family", "config", "batch x seq", "compile s", "step ms", "tokens/s", "GFLOP/step (XLA)", "MFU"]
+    return Table(header + ["peak GFLOP/s"], rows, title="Train step per family", caption=caption)
+
+
 def main(argv: list[str]) -> int:
-    result = run(argv)
+    try:
+        result = run(argv)
+    except UsageError as e:
+        print(f"bench_train.py: error: {e}", file=sys.stderr)
+        return 2
     from looped_jax.results import write_results
 
-    table = results_table(result)
-    out = write_results(result["name"], [table], result)
+    tables = ([results_table(result)] if "train" in result else []) + (
+        [families_table(result)] if "families" in result else []
+    )
+    out = write_results(result["name"], tables, result)
     log(f"wrote {out / 'results.md'} and {out / 'results.json'}")
     print(json.dumps(result, indent=2))
     return 0

@@ -103,6 +103,8 @@ def main(argv=None) -> None:
     ap.add_argument("--eval_batch", type=int, default=25)
     ap.add_argument("--name", default="consolidation_sweep", help="results go to runs/<name>/")
     ap.add_argument("--quick", action="store_true", help="smoke run: 5 steps, 8 problems, lengths 64 and 128")
+    ap.add_argument("--train_with_passes", action="store_true",
+                    help="train one model per passes value, with those passes (default: train once)")  # fmt: skip
     args, rest = ap.parse_known_args(argv)
     overrides = {"data.name": args.task, "train.output_dir": f"runs/{args.name}/train", **parse_overrides(rest)}
     if args.quick:
@@ -112,15 +114,25 @@ def main(argv=None) -> None:
         overrides["train.num_steps"] = str(args.steps)
     cfg = load_config(args.config, overrides)
     prepare(cfg.data)
-    print(f"== training {cfg.model.variant} {cfg.train.num_steps} steps on {cfg.data.name} length {cfg.data.seq_len}")
-    trainer = Trainer(cfg)
-    state, history = trainer.fit()
-    params = state.eval_params
     passes = [int(n) for n in args.passes.split(",")]
+    params_by_n = {}
+    for n in passes if args.train_with_passes else [None]:
+        run_cfg = cfg
+        if n is not None:
+            run_cfg = load_config(args.config, {
+                **overrides, "train.output_dir": f"runs/{args.name}/train_p{n}", "model.consolidation_passes": str(n),
+                "model.replay": str(args.replay if n else 0), "model.consolidation_lr_decay": str(args.lr_decay),
+            })  # fmt: skip
+        print(f"== training {cfg.model.variant} {cfg.train.num_steps} steps on {cfg.data.name} length "
+              f"{cfg.data.seq_len}" + ("" if n is None else f" with {n} consolidation passes"), flush=True)  # fmt: skip
+        trainer = Trainer(run_cfg)
+        state, history = trainer.fit()
+        params_by_n[n] = state.eval_params
     lengths = list(cfg.data.niah_test_lens)
     results = {"config": args.config, "task": cfg.data.name, "steps": history["steps"], "train_len": cfg.data.seq_len,
                "num_test": cfg.data.num_test, "replay": args.replay, "lr_decay": args.lr_decay,
-               "level_field": args.level_field, "acc": {}, "flops_per_token": {}}  # fmt: skip
+               "level_field": args.level_field, "train_with_passes": args.train_with_passes,
+               "acc": {}, "flops_per_token": {}}  # fmt: skip
     graphdefs = {}
     for n in passes:
         mcfg = dataclasses.replace(
@@ -135,6 +147,7 @@ def main(argv=None) -> None:
         acc = results["acc"][level] = {str(L): {} for L in lengths}
         for n in passes:
             for L in lengths:
+                params = params_by_n[n if args.train_with_passes else None]
                 acc[str(L)][str(n)] = accuracy(graphdefs[n], params, lcfg.data, L, args.eval_batch, trainer.mesh)
             print(f"  {args.level_field}={level} passes={n}: " + "  ".join(f"{L}:{acc[str(L)][str(n)]:.3f}"
                                                                           for L in lengths), flush=True)  # fmt: skip
@@ -145,7 +158,9 @@ def main(argv=None) -> None:
             title=f"Exact-match accuracy by consolidation passes and length, {args.level_field}={level}",
             caption=f"{cfg.model.variant} trained {history['steps']} steps on {cfg.data.seq_len}-token "
             f"{cfg.data.name} rows ({args.level_field}={getattr(cfg.data, args.level_field.split('.')[-1])}); "
-            f"passes set at evaluation only (replay={args.replay}, lr decay={args.lr_decay}); "
+            + ("trained and evaluated with each number of passes" if args.train_with_passes else
+               "passes set at evaluation only")
+            + f" (replay={args.replay}, lr decay={args.lr_decay}); "
             f"{cfg.data.num_test} problems per length.",
         ))  # fmt: skip
     out = write_results(args.name, tables, results)

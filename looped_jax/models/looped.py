@@ -220,6 +220,42 @@ class LoopedModel(TokenModel, nnx.Module):
         )
         return self.head(x_BTD)
 
+    def hidden_states(
+        self,
+        inputs_BT: jax.Array,
+        *,
+        positions_BT: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
+        num_loops: int | None = None,
+        rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """The residual stream after each loop [S, B, T, D] (float32, before the final norm), S = num_loops:
+        the last S loop states of a looped model, the outputs of each layer body of the unshared baseline
+        (one per layer when num_layers = 1). Used by the latent-prediction objective."""
+        del rng
+        cfg = self.cfg
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(inputs_BT.shape[1], dtype=jnp.int32), inputs_BT.shape)
+        num_loops = cfg.num_loops if num_loops is None else num_loops
+        if not is_static_int(num_loops) or (not cfg.share_weights and num_loops != cfg.num_loops):
+            raise ValueError(
+                f"hidden_states needs a Python int num_loops (= {cfg.num_loops} without shared weights), "
+                f"got {num_loops!r}"
+            )
+        e_BTD = self.embed_tokens(inputs_BT)
+        step, params = self.body_step_fn()
+        _, states_SBTD = unroll(
+            step,
+            params,
+            self.initial_state(e_BTD),
+            (e_BTD, positions_BT, segment_ids_BT),
+            num_steps=num_loops,
+            remat_policy=cfg.remat_policy or None,
+            record_fn=lambda x: x,
+            stacked_params=not cfg.share_weights,
+        )
+        return states_SBTD
+
     def loss(self, batch: dict, *, rng: jax.Array, train: bool = True, carry: None = None) -> LossOutput:
         """Weighted next-token cross-entropy (the model is deterministic; ``rng`` is unused)."""
         del train, carry

@@ -15,6 +15,13 @@ model for attributes or signatures:
   trainer reports loss = loss_sum / num_tokens and accuracy = correct / num_tokens).
   ``num_loops`` (a traced int32 or None for the family's default) sets the test-time depth.
 
+Optional, for the trainer's latent-prediction objective (``cfg.latent``, `looped_jax.train.latent`):
+
+* ``hidden_states(inputs_BT, *, positions_BT=None, segment_ids_BT=None, num_loops=None, rng=None)
+  -> [S, B, T, D]``: the states the targets are built from, last = the state the head reads
+  (layer outputs of a transformer, loop states of a looped model; ``num_loops`` a Python int).
+  Families with it: ``looped`` (and its unshared baseline), ``recurrent_depth``.
+
 `TokenModel` gives the common stateless implementation of ``initial_carry`` and ``evaluate``
 (weighted next-token cross-entropy of ``__call__``'s logits).
 """

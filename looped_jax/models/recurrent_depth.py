@@ -40,7 +40,7 @@ from looped_jax.nn import (
     truncated_normal,
 )
 from looped_jax.nn.linear import dense
-from looped_jax.recurrence import REMAT_POLICIES, unroll
+from looped_jax.recurrence import REMAT_POLICIES, is_static_int, unroll
 
 STATE_INIT_STD = math.sqrt(2.0 / 5.0)
 _DEFAULT_RULE = ExitRule()  # latent-diff, threshold 0.03 (the reference's default criterion values)
@@ -316,6 +316,35 @@ class RecurrentDepthModel(TokenModel, nnx.Module):
             remat_policy=cfg.remat_policy or None,
         )
         return self._logits(s_BTD, positions_BT, segment_ids_BT), s_BTD
+
+    def hidden_states(
+        self,
+        inputs_BT: jax.Array,
+        *,
+        positions_BT: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
+        num_loops: int | None = None,
+        rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """The core's latent after each of ``num_loops`` iterations (default eval_loops) [S, B, T, D],
+        with truncated backprop as in training (``grad_steps``). Used by the latent-prediction objective."""
+        cfg = self.cfg
+        num_loops = cfg.default_eval_loops if num_loops is None else num_loops
+        if not is_static_int(num_loops):
+            raise ValueError(f"hidden_states needs a Python int num_loops, got {num_loops!r}")
+        e_BTD, positions_BT = self._prepare(inputs_BT, positions_BT, segment_ids_BT)
+        step, params = self.core_step_fn()
+        _, states_SBTD = unroll(
+            step,
+            params,
+            self.initial_state(e_BTD, rng),
+            (e_BTD, positions_BT, segment_ids_BT),
+            num_steps=num_loops,
+            grad_steps=cfg.grad_steps,
+            remat_policy=cfg.remat_policy or None,
+            record_fn=lambda s: s,
+        )
+        return states_SBTD
 
     def sample_num_loops(self, rng: jax.Array, mean_loops: jax.Array | None = None) -> jax.Array:
         """r = Poisson(e^tau) + 1, tau ~ N(log max(r_bar, k) - sigma^2 / 2, sigma) (Eq. 2 with the

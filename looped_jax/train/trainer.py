@@ -32,6 +32,7 @@ from looped_jax.config import ExperimentConfig, to_dict
 from looped_jax.models import build_model
 from looped_jax.models.protocol import EVAL_SUM_KEYS, check_model
 from looped_jax.train.adam_atan2 import puzzle_labels
+from looped_jax.train.latent import LATENT_KEY, Predictor, latent_loss, tau_at, teacher_update
 from looped_jax.train.metrics import MetricsLogger
 from looped_jax.train.optimizer import make_optimizer
 
@@ -124,11 +125,20 @@ class TrainState(NamedTuple):
     opt_state: Any
     carry: Any = None  # the model's persistent per-row training carry (see module docstring)
     ema_params: Any = None  # EMA of params when optim.ema_decay > 0
+    teacher_params: Any = None  # the latent-prediction teacher (EMA of the model) when latent.weight > 0
 
     @property
     def eval_params(self):
-        """The weights evaluation and export use: the EMA when one is kept."""
-        return self.params if self.ema_params is None else self.ema_params
+        """The weights evaluation and export use: the EMA when one is kept (without the
+        latent-prediction predictor, which is a training device only)."""
+        return model_params(self.params if self.ema_params is None else self.ema_params)
+
+
+def model_params(params: Any) -> Any:
+    """The model's parameters of a train state's ``params`` (drops the latent predictor's, if any)."""
+    if isinstance(params, dict) and LATENT_KEY in params:
+        return {k: v for k, v in params.items() if k != LATENT_KEY}
+    return params
 
 
 class Trainer:
@@ -147,8 +157,23 @@ class Trainer:
             raise ValueError("models must keep all their state in nnx.Param variables")
         check_model(abstract_model)
         param_specs = shd.pure_param_specs(abstract_params, self.mesh)
-        abstract_opt = jax.eval_shape(self.tx.init, nnx.to_pure_dict(abstract_params))
-        opt_specs = optimizer_state_specs(abstract_opt, nnx.to_pure_dict(abstract_params), param_specs)
+        pure_abstract = nnx.to_pure_dict(abstract_params)
+        self.latent = cfg.latent.weight > 0
+        teacher_specs = None
+        if self.latent:
+            if not callable(getattr(abstract_model, "hidden_states", None)):
+                raise ValueError(
+                    f"latent.weight={cfg.latent.weight} needs a model that exposes hidden_states; "
+                    f"{type(abstract_model).__name__} (model.name={cfg.model.name!r}) does not "
+                    "(families that do: looped, recurrent_depth)"
+                )
+            abstract_pred = nnx.eval_shape(lambda: self._make_predictor(nnx.Rngs(0)))
+            self.predictor_graphdef, pred_state = nnx.split(abstract_pred, nnx.Param)
+            teacher_specs = param_specs
+            param_specs = {**param_specs, LATENT_KEY: shd.pure_param_specs(pred_state, self.mesh)}
+            pure_abstract = {**pure_abstract, LATENT_KEY: nnx.to_pure_dict(pred_state)}
+        abstract_opt = jax.eval_shape(self.tx.init, pure_abstract)
+        opt_specs = optimizer_state_specs(abstract_opt, pure_abstract, param_specs)
         abstract_carry = jax.eval_shape(lambda: abstract_model.initial_carry(cfg.train.global_batch_size))
         self.stateful = abstract_carry is not None
         carry_specs = None
@@ -157,7 +182,7 @@ class Trainer:
                 lambda x: shd.batch_spec(self.mesh, x.ndim) if x.ndim else PartitionSpec(), abstract_carry
             )
         ema_specs = param_specs if cfg.optim.ema_decay > 0 else None
-        self.state_specs = TrainState(PartitionSpec(), param_specs, opt_specs, carry_specs, ema_specs)
+        self.state_specs = TrainState(PartitionSpec(), param_specs, opt_specs, carry_specs, ema_specs, teacher_specs)
         self.state_shardings = shd.named(self.mesh, self.state_specs)
         # Leading (batch) axis split over data x fsdp; valid for batch fields of any rank.
         self.batch_sharding = NamedSharding(self.mesh, shd.batch_spec(self.mesh, 1))
@@ -189,20 +214,32 @@ class Trainer:
             out_shardings=(self.state_shardings, None, None),
             donate_argnums=(0, 2),
         )
-        self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_shardings.params, self.batch_sharding, None))
+        self.eval_step = jax.jit(
+            self._eval_step, in_shardings=(model_params(self.state_shardings.params), self.batch_sharding, None)
+        )
 
     # -- pure functions ------------------------------------------------------------------------
 
     def model(self, params) -> nnx.Module:
-        return nnx.merge(self.graphdef, params)
+        """The model with ``params`` (a train state's params, or the model's alone)."""
+        return nnx.merge(self.graphdef, model_params(params))
+
+    def _make_predictor(self, rngs: nnx.Rngs) -> Predictor:
+        d = self.cfg.model.d_model
+        return Predictor(d, self.cfg.latent.predictor_hidden or 2 * d, rngs=rngs)
 
     def _init(self, params=None) -> TrainState:
         model = build_model(self.cfg.model, rngs=nnx.Rngs(self.cfg.train.seed))
         if params is None:
             params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         carry = model.initial_carry(self.cfg.train.global_batch_size)
+        teacher = None
+        if self.latent:
+            teacher = jax.tree.map(jnp.copy, params)
+            predictor = self._make_predictor(nnx.Rngs(self.cfg.train.seed + 1))
+            params = {**params, LATENT_KEY: nnx.to_pure_dict(nnx.state(predictor, nnx.Param))}
         ema = jax.tree.map(jnp.copy, params) if self.cfg.optim.ema_decay > 0 else None
-        return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), carry, ema)
+        return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), carry, ema, teacher)
 
     def _train_step(self, state: TrainState, batch: dict, lr_scale=None) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(self.base_key, state.step)
@@ -214,8 +251,23 @@ class Trainer:
             extra["mean_loops"] = start + (target - start) * jnp.minimum(state.step.astype(jnp.float32) / ramp, 1.0)
 
         def loss_fn(params):
-            out = self.model(params).loss(batch, rng=rng, train=True, carry=state.carry, **extra)
-            return out.loss, (out.metrics, out.carry)
+            model = self.model(params)
+            out = model.loss(batch, rng=rng, train=True, carry=state.carry, **extra)
+            loss, metrics = out.loss, out.metrics
+            if self.latent:
+                predictor = nnx.merge(self.predictor_graphdef, params[LATENT_KEY])
+                lat, lat_metrics = latent_loss(
+                    model,
+                    self.model(state.teacher_params),
+                    predictor,
+                    batch,
+                    jax.random.fold_in(rng, 0x1A7E),
+                    self.cfg.latent,
+                )
+                metrics = dict(metrics, **lat_metrics, family_loss=loss)
+                loss = loss + self.cfg.latent.weight * lat
+                metrics["loss"] = loss
+            return loss, (metrics, out.carry)
 
         (_, (metrics, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -226,12 +278,17 @@ class Trainer:
         if ema is not None:
             decay = self.cfg.optim.ema_decay
             ema = ema_update(ema, params, decay)
+        teacher = state.teacher_params
+        if teacher is not None:
+            tau = tau_at(state.step, self.cfg.latent, self.cfg.train.num_steps)
+            teacher = teacher_update(teacher, params, tau)
+            metrics = dict(metrics, teacher_tau=tau)
         metrics = dict(
             metrics,
             grad_norm=optax.global_norm(grads),
             learning_rate=self.schedule(state.step) * (1.0 if lr_scale is None else lr_scale),
         )
-        return TrainState(state.step + 1, params, opt_state, carry, ema), metrics
+        return TrainState(state.step + 1, params, opt_state, carry, ema, teacher), metrics
 
     def _guarded_step(self, state: TrainState, batch: dict, guard: dict, lr_scale) -> tuple[TrainState, dict, dict]:
         """`_train_step` with the non-finite guard of ``train.nonfinite_policy``, all on device.
@@ -349,7 +406,7 @@ class Trainer:
             for i, batch in enumerate(it):
                 if num_batches is not None and i >= num_batches:
                     break
-                out = jax.device_get(self.eval_step(params, self.global_batch(batch), loops))
+                out = jax.device_get(self.eval_step(model_params(params), self.global_batch(batch), loops))
                 for k, v in out.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
         return summarize_eval(totals)
