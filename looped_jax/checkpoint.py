@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import time
 from typing import Any
 
 import jax
@@ -140,7 +141,7 @@ class Checkpointer:
         removed = []
         for child in self.directory.iterdir():
             if TMP_SUFFIX in child.name:
-                child.rmtree() if child.is_dir() else child.unlink()
+                _remove_tree(child)
                 removed.append(child.name)
         if removed:
             noun = "directory" if len(removed) == 1 else "directories"
@@ -388,3 +389,20 @@ def abstract_like(tree: Any) -> Any:
 
 
 __all__ = ["Checkpointer", "CheckpointError", "CheckpointSaveError", "ConfigMismatchError", "as_path"]
+
+
+def _remove_tree(path: epath.Path, attempts: int = 20, pause_s: float = 0.1) -> None:
+    """Removes a partial step directory. A failed async save can leave a writer thread that is still
+    finishing a file in it, so a removal that meets a file created meanwhile (ENOTEMPTY) or one already
+    gone (ENOENT) is retried for up to ``attempts * pause_s`` seconds before the error is raised."""
+    for attempt in range(attempts):
+        try:
+            if path.is_dir():
+                path.rmtree()
+            elif path.exists():
+                path.unlink()
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.ENOENT) or attempt == attempts - 1:
+                raise
+            time.sleep(pause_s)

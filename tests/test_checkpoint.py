@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 
 from looped_jax.checkpoint import (
     Checkpointer,
@@ -212,3 +213,24 @@ def test_saved_meta_holds_every_process_data_state(tmp_path):
     ckpt.wait()
     assert ckpt.read_meta(1)["data_states"] == [{"next_index": 4}]
     ckpt.close()
+
+
+def test_partial_step_removal_retries_while_a_late_writer_finishes(tmp_path, monkeypatch):
+    """A failed async save can leave a thread finishing a file in the partial step directory; the clean-up
+    of the next Checkpointer retries the removal instead of failing with 'Directory not empty'."""
+    partial = tmp_path / "2.orbax-checkpoint-tmp"
+    partial.mkdir()
+    (partial / "meta").write_text("{}")
+    real = type(epath.Path(partial)).rmtree
+    calls = []
+
+    def flaky_rmtree(self, *args, **kwargs):
+        calls.append(str(self))
+        if len(calls) == 1:  # a late write lands during the first removal
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(epath.Path(partial)), "rmtree", flaky_rmtree)
+    ck = Checkpointer(tmp_path, async_save=False)
+    assert not partial.exists() and len(calls) == 2
+    ck.close()
