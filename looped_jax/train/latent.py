@@ -107,10 +107,16 @@ def tau_at(step: jax.Array, cfg: LatentConfig, num_steps: int) -> jax.Array:
     return cfg.tau_start + (cfg.tau_end - cfg.tau_start) * frac
 
 
+def model_params(params):
+    """The model's parameters of a train state's ``params`` (drops the predictor's, if any)."""
+    if isinstance(params, dict) and LATENT_KEY in params:
+        return {k: v for k, v in params.items() if k != LATENT_KEY}
+    return params
+
+
 def teacher_update(teacher, params, tau: jax.Array):
     """tau * teacher + (1 - tau) * params (the predictor is not part of the teacher)."""
-    model_params = {k: v for k, v in params.items() if k != LATENT_KEY}
-    return jax.tree.map(lambda t, p: tau * t + (1.0 - tau) * p, teacher, model_params)
+    return jax.tree.map(lambda t, p: tau * t + (1.0 - tau) * p, teacher, model_params(params))
 
 
 def latent_loss(student, teacher, predictor: Predictor, batch: dict, rng: jax.Array, cfg: LatentConfig):

@@ -32,7 +32,7 @@ from looped_jax.config import ExperimentConfig, to_dict
 from looped_jax.models import build_model
 from looped_jax.models.protocol import EVAL_SUM_KEYS, check_model
 from looped_jax.train.adam_atan2 import puzzle_labels
-from looped_jax.train.latent import LATENT_KEY, Predictor, latent_loss, tau_at, teacher_update
+from looped_jax.train.latent import LATENT_KEY, Predictor, latent_loss, model_params, tau_at, teacher_update
 from looped_jax.train.metrics import MetricsLogger
 from looped_jax.train.optimizer import make_optimizer
 
@@ -132,13 +132,6 @@ class TrainState(NamedTuple):
         """The weights evaluation and export use: the EMA when one is kept (without the
         latent-prediction predictor, which is a training device only)."""
         return model_params(self.params if self.ema_params is None else self.ema_params)
-
-
-def model_params(params: Any) -> Any:
-    """The model's parameters of a train state's ``params`` (drops the latent predictor's, if any)."""
-    if isinstance(params, dict) and LATENT_KEY in params:
-        return {k: v for k, v in params.items() if k != LATENT_KEY}
-    return params
 
 
 class Trainer:
