@@ -14,6 +14,11 @@ projections (q/k/v, retrieval query, output projection and output gate: 6.3M) an
 The memory runs on the pure-JAX chunked path (the Pallas kernel has no LayerNorm/GELU memory), see
 looped_jax/models/neural_memory.py.
 
+Memory plan (v5e:16x16, 16 GiB HBM per chip): fsdp 128 x tensor 2, one 4096-token sequence per chip, and every
+layer rematerialised in the backward pass (``remat_policy``). Without remat the backward pass keeps every layer's
+per-chunk memory states at once (256 chunks of 16 heads x (64 x 256 + 256 x 64) weights per sequence and layer).
+Measured per-chip numbers: the README's table of ``scripts/compile_tpu.py --all``.
+
 Data: the model's vocabulary is the paper's 32k; the ``data`` entry is a shape placeholder (byte-level text,
 4096-token rows): the paper trains on FineWeb-Edu with the Llama 2 tokenizer, which this repository's data
 pipeline does not provide. Point data.name / data_dir at a prepared 32k-token data set to train for real.
@@ -48,6 +53,7 @@ def get_config() -> ExperimentConfig:
         memory_max_lr=1e-3,
         max_surprise_norm=1.0,
         memory_output_gate=True,
+        remat_policy="nothing_saveable",  # each layer recomputed in the backward pass (see the module docstring)
         dtype="bfloat16",
     )
     return ExperimentConfig(

@@ -17,10 +17,12 @@ analytic model FLOPs; and a compute-bound projected step time and MFU at the chi
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import math
 import os
 import re
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -110,11 +112,15 @@ def check_batch(cfg: ExperimentConfig, num_devices: int) -> tuple[int, int, int]
     return sizes
 
 
-def _oom_numbers(msg: str) -> dict:
-    """Figures from a libtpu out-of-memory message ("... (64.65G) exceeds available HBM (15.75G)")."""
+def oom_figures_gib(msg: str) -> list[float]:
+    """The sizes (GiB) in a libtpu out-of-memory message ("... (64.65G) exceeds available HBM (15.75G)")."""
     nums = re.findall(r"\(([\d.]+)([KMGT])\)", msg)
     scale = {"K": 2**-20, "M": 2**-10, "G": 1.0, "T": 1024.0}
-    return {"oom_figures_gib": [float(v) * scale[u] for v, u in nums]}
+    return [float(v) * scale[u] for v, u in nums]
+
+
+def _oom_numbers(msg: str) -> dict:
+    return {"oom_figures_gib": oom_figures_gib(msg)}
 
 
 def _compile(lowered, raise_limit_mib: int | None):
@@ -122,10 +128,13 @@ def _compile(lowered, raise_limit_mib: int | None):
     return lowered.compile(compiler_options=opts) if opts else lowered.compile()
 
 
-def compile_train_step(cfg: ExperimentConfig, devices: list, *, hbm_gib: float | None = None) -> dict:
+def compile_train_step(
+    cfg: ExperimentConfig, devices: list, *, hbm_gib: float | None = None, hlo_path: str | os.PathLike | None = None
+) -> dict:
     """Lowers and compiles the train step for ``devices`` (traced for their platform); returns memory, FLOP,
     collective and timing stats. A program too big for HBM is compiled again with the limit raised (its numbers
-    are reported with ``fits=False``) instead of raising."""
+    are reported with ``fits=False``) instead of raising. ``hlo_path`` (``*.gz``) keeps the optimized HLO text,
+    so its statistics can be read again without a compile of half an hour."""
     from looped_jax.nn.platform import use_platform
     from looped_jax.train.trainer import BATCH_KEYS, Trainer
 
@@ -188,7 +197,12 @@ def compile_train_step(cfg: ExperimentConfig, devices: list, *, hbm_gib: float |
     peak = getattr(mem, "peak_memory_in_bytes", 0) or (
         mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     )
-    hlo = hlo_stats(compiled.as_text())
+    text = compiled.as_text()
+    if hlo_path is not None:
+        Path(hlo_path).parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(hlo_path, "wt") as f:
+            f.write(text)
+    hlo = hlo_stats(text)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
@@ -224,20 +238,32 @@ def compile_train_step(cfg: ExperimentConfig, devices: list, *, hbm_gib: float |
     }
     if chip is not None:
         stats["peak_bf16_flops_per_chip"] = chip.peak_bf16_flops
-        if hlo["loops_without_trip_count"]:
-            # a loop with a data-dependent trip count (sampled recurrence) was counted once: the HLO FLOPs are a
-            # lower bound, so the projection falls back to the model FLOPs (a lower bound on the step, no MFU)
-            stats["projected_step_s"] = model_flops["model_flops_per_step"] / (len(devices) * chip.peak_bf16_flops)
-            stats["projected_step_is_lower_bound"] = True
-            stats["projected_mfu"] = None
-        else:
-            step_s = hlo["flops"] / chip.peak_bf16_flops  # compute-bound: per-chip HLO FLOPs at peak
-            stats["projected_step_s"] = step_s
-            stats["projected_step_is_lower_bound"] = False
-            stats["projected_mfu"] = (
-                model_flops["model_flops_per_step"] / (len(devices) * chip.peak_bf16_flops * step_s) if step_s else None
-            )
+        stats.update(projection(stats))
     return stats
+
+
+def projection(stats: dict) -> dict:
+    """Compute-bound step time at the chip's peak bf16 FLOP/s (no communication) and MFU, from a compile's stats
+    (``hlo_flops_per_chip``, ``model_flops_per_step``, ``devices``, ``peak_bf16_flops_per_chip``,
+    ``loops_without_trip_count``): ``{"projected_step_s", "projected_step_is_lower_bound", "projected_mfu"}``.
+
+    Where a loop has a data-dependent trip count (sampled recurrence, ACT halting) the HLO count took its body
+    once: the HLO FLOPs and the model FLOPs (at the mean depth) are then both lower bounds on the work, the step
+    is projected from the larger of the two and no MFU is given."""
+    peak, hlo = stats["peak_bf16_flops_per_chip"], stats["hlo_flops_per_chip"]
+    model_per_chip = stats["model_flops_per_step"] / stats["devices"]
+    if stats["loops_without_trip_count"]:
+        return {
+            "projected_step_s": max(model_per_chip, hlo) / peak,
+            "projected_step_is_lower_bound": True,
+            "projected_mfu": None,
+        }
+    step_s = hlo / peak
+    return {
+        "projected_step_s": step_s,
+        "projected_step_is_lower_bound": False,
+        "projected_mfu": model_per_chip / (peak * step_s) if step_s else None,
+    }
 
 
 def analytic_flops(cfg: ExperimentConfig, num_params: int, tokens: int) -> dict:

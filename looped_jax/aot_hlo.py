@@ -38,8 +38,8 @@ def _parse(text: str) -> tuple[dict, str]:
                 if line.startswith("ENTRY"):
                     entry = cur
             continue
-        if line.startswith("}"):
-            cur = None
+        if line.rstrip() == "}":  # a computation ends on a bare brace; an instruction's multi-line attributes
+            cur = None  # (Pallas kernels' frontend_attributes={kernel_metadata={...}}) continue on "}}, ..." lines
             continue
         m = _INSTR.match(line)
         if m:

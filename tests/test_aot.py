@@ -117,3 +117,40 @@ def test_program_that_never_fits_is_reported_from_the_compiler_message(monkeypat
     assert stats["measured_from"] == "oom_message" and stats["fits"] is False
     assert stats["peak_gib_per_chip"] == pytest.approx(22.55)
     assert stats["shortfall_gib_per_chip"] == pytest.approx(22.55 - stats["hbm_gib_per_chip"])
+
+
+def test_hlo_stats_read_past_multi_line_kernel_metadata():
+    """A Pallas call's frontend_attributes={kernel_metadata={...}} spans lines and the continuation starts with
+    "}}": instructions after it still belong to the computation (they were dropped, hiding gradient all-reduces
+    and dots of every program with a Mosaic kernel)."""
+    text = "\n".join([
+        "HloModule m",
+        "",
+        "ENTRY %main (p0: f32[8,16], p1: f32[16,4]) -> f32[8,4] {",
+        "  %p0 = f32[8,16]{1,0} parameter(0)",
+        "  %p1 = f32[16,4]{1,0} parameter(1)",
+        "  %copy.1 = f32[8,16]{1,0} copy(%p0), frontend_attributes={kernel_metadata={",
+        '"xprof_metadata":"{\\"block_q\\": 512}"',
+        '}}, metadata={op_name="pallas_call"}',
+        "  %dot.2 = f32[8,4]{1,0} dot(%copy.1, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
+        "  ROOT %all-reduce.3 = f32[8,4]{1,0} all-reduce(%dot.2), replica_groups={}, to_apply=%add",
+        "}",
+        "",
+    ])  # fmt: skip
+    stats = hlo_stats(text)
+    assert stats["flops"] == 2 * 8 * 4 * 16
+    assert stats["collectives"] == {"all-reduce": 1}
+
+
+def test_projection_takes_the_larger_lower_bound_where_a_loop_has_no_trip_count():
+    from looped_jax.aot import projection
+
+    base = {"peak_bf16_flops_per_chip": 100.0, "devices": 4, "model_flops_per_step": 800.0}
+    fixed = projection({**base, "hlo_flops_per_chip": 250.0, "loops_without_trip_count": 0})
+    assert fixed["projected_step_s"] == 2.5 and not fixed["projected_step_is_lower_bound"]
+    assert fixed["projected_mfu"] == pytest.approx(800 / (4 * 100 * 2.5))
+    # sampled depth: HLO counted the loop once (250 per chip) but the model FLOPs say 200 per chip -> 2.5 s
+    hlo_larger = projection({**base, "hlo_flops_per_chip": 250.0, "loops_without_trip_count": 1})
+    assert hlo_larger == {"projected_step_s": 2.5, "projected_step_is_lower_bound": True, "projected_mfu": None}
+    model_larger = projection({**base, "hlo_flops_per_chip": 50.0, "loops_without_trip_count": 2})
+    assert model_larger["projected_step_s"] == 2.0 and model_larger["projected_mfu"] is None

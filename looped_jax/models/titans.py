@@ -81,6 +81,7 @@ from looped_jax.losses import cross_entropy
 from looped_jax.models.neural_memory import FORGET_GATES, KERNEL_MEMORY_KINDS, MEMORY_KINDS, MemoryCarry, NeuralMemory
 from looped_jax.models.protocol import LossOutput, TokenModel
 from looped_jax.nn import Attention, Embed, RMSNorm, SwiGLU, Unembed, param, resolve_dtype, takase_std, truncated_normal
+from looped_jax.recurrence import REMAT_POLICIES
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "swa")
 _NEG = -1e30
@@ -124,6 +125,7 @@ class TitansConfig:
     consolidation_passes: int = 0  # extra offline memory-update passes over each segment once it has been read
     consolidation_lr_decay: float = 1.0  # pass p (0-based) scales theta by consolidation_lr_decay ** (p + 1)
     replay: int = 0  # each consolidation pass also replays the R previous segments (oldest first)
+    remat_policy: str = ""  # "" = none, else a name in recurrence.REMAT_POLICIES: each layer recomputed in backward
     tie_embeddings: bool = True
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
@@ -180,6 +182,12 @@ class TitansConfig:
         _check(self.rope_theta > 0, "rope_theta", "> 0", self.rope_theta)
         _check(self.norm_eps > 0, "norm_eps", "> 0", self.norm_eps)
         _check(self.dtype in ("float32", "bfloat16"), "dtype", "'float32' or 'bfloat16'", self.dtype)
+        _check(
+            self.remat_policy == "" or self.remat_policy in REMAT_POLICIES,
+            "remat_policy",
+            f"'' or one of {sorted(REMAT_POLICIES)}",
+            self.remat_policy,
+        )
 
     @property
     def has_memory(self) -> bool:
@@ -493,9 +501,16 @@ class TitansModel(TokenModel, nnx.Module):
         if len(state.layers) != len(self.layers):
             raise ValueError(f"state has {len(state.layers)} layer carries, the model has {len(self.layers)} layers")
         x_BTD = self.embed(inputs_BT).astype(jnp.float32)
+
+        def apply(layer: TitansLayer, x_BTD, positions_BT, valid_BT, carry):
+            return layer(x_BTD, positions_BT, valid_BT, carry)
+
+        if self.cfg.remat_policy:  # keep only each layer's inputs for the backward pass (the memory's chunk states
+            # of one layer at a time, instead of every layer's, live during the backward pass)
+            apply = nnx.remat(apply, policy=REMAT_POLICIES[self.cfg.remat_policy])
         carries = []
         for layer, carry in zip(self.layers, state.layers, strict=True):
-            x_BTD, carry = layer(x_BTD, positions_BT, valid_BT, carry)
+            x_BTD, carry = apply(layer, x_BTD, positions_BT, valid_BT, carry)
             carries.append(carry)
         x_BTD = self.final_norm(x_BTD)
         logits = self.embed.attend(x_BTD) if self.unembed is None else self.unembed(x_BTD)

@@ -16,6 +16,10 @@ count up by one inside each segment, which is how the data pipeline packs rows (
 difference is deliberate: a padding query (segment id 0) attends to padding keys here, while the reference gives it
 uniform weights over all keys; padding rows carry no loss and reach no real token, so losses and every gradient of a
 loss weighted by the pipeline's ``weights`` are the same.
+
+Precision: the splash kernels' matmuls follow ``jax_default_matmul_precision``; "highest" with bf16 inputs asks
+Mosaic for an fp32 contraction of bf16 tiles, which it refuses ("Mosaic failed to compile TPU kernel: Bad lhs
+type"). Keep the default precision for bf16 models on TPU (bf16 operands are exact in one pass either way).
 """
 
 from __future__ import annotations

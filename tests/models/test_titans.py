@@ -197,3 +197,29 @@ def test_full_size_param_count_without_allocation(name, low, high):
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
     n = sum(int(np.prod(x.shape)) for x in leaves)
     assert low <= n <= high, n
+
+
+def test_remat_same_loss_and_gradients():
+    """remat_policy recomputes each layer (its memory's chunk scan included) in the backward pass: one remat per
+    layer in the gradient program, and bit-identical loss and gradients. Compiled without XLA's fusion passes:
+    with them XLA fuses the recomputed forward differently, which moves float32 results by rounding (up to 1e-5
+    of a leaf's largest entry with the LayerNorm memory); without them both programs do the same operations."""
+    x = jax.random.randint(jax.random.key(3), (2, 12), 0, 32)  # a segment and a half: memory carried across
+    unfused = {"xla_disable_hlo_passes": "fusion,cpu-instruction-fusion"}
+
+    def grad_fn(cfg):
+        graphdef, params = nnx.split(TitansModel(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+
+        def loss(p):
+            return jnp.mean(jax.nn.log_softmax(nnx.merge(graphdef, p)(x))[..., 0])
+
+        fn = jax.jit(jax.value_and_grad(loss)).lower(params).compile(compiler_options=unfused)
+        return fn(params), str(jax.make_jaxpr(jax.grad(loss))(params))
+
+    (loss0, g0), jaxpr0 = grad_fn(tiny("mac", num_layers=2, memory_kind="mlp_ln"))
+    (loss1, g1), jaxpr1 = grad_fn(tiny("mac", num_layers=2, memory_kind="mlp_ln", remat_policy="nothing_saveable"))
+    assert jaxpr0.count("remat") == 0 and jaxpr1.count("remat") == 2
+    np.testing.assert_array_equal(loss1, loss0)
+    jax.tree.map(np.testing.assert_array_equal, g1, g0)
+    with pytest.raises(ValueError, match="remat_policy"):
+        tiny("mac", remat_policy="everything")
