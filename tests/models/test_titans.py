@@ -199,6 +199,7 @@ def test_full_size_param_count_without_allocation(name, low, high):
     assert low <= n <= high, n
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite
 def test_remat_same_loss_and_gradients():
     """remat_policy recomputes each layer (its memory's chunk scan included) in the backward pass: one remat per
     layer in the gradient program, and bit-identical loss and gradients. Compiled without XLA's fusion passes:

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite
 def test_splash_layer_needs_far_less_memory_than_xla(tmp_path, monkeypatch):
     """At 4,096 tokens the XLA path holds [heads, T, T] f32 scores (2 x 4096^2 x 4 bytes = 128 MiB; at 2,048 XLA
     fuses them away) and the splash layer does not; the splash programs call Mosaic (1 kernel forward, 3 with the

@@ -24,6 +24,7 @@ def _load_script():
 probe_suite = _load_script()
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite
 def test_quick_run_writes_one_table_and_the_plot(tmp_path):
     argv = [
         *("--quick", "--families", "transformer,rmt,hrm", "--probes", "copy", "--steps", "2"),

@@ -72,6 +72,7 @@ def gcs(tmp_path, monkeypatch):
         yield root, calls
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite
 def test_train_save_resume_metrics_and_tensorboard_on_gs(data_cfg, gcs, tmp_path):  # noqa: F811
     root, calls = gcs
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))

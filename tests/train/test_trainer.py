@@ -63,6 +63,7 @@ def _params(state):
     return jax.tree.map(np.asarray, jax.device_get(state.params))
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite
 def test_resume_continues_exactly(data_cfg, tmp_path):
     devices = jax.devices()[:1]
     mesh = jax.sharding.Mesh(np.array(devices).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
@@ -150,6 +151,7 @@ def test_aot_compile_for_tpu_topology(data_cfg, tmp_path):
     assert 0 < stats["peak_gib_per_chip"] < 1 and stats["fits"]
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite
 def test_max_minutes_stops_early_and_records_the_step(data_cfg, tmp_path):
     """A wall-clock budget shorter than one step stops after the first step, checkpointed there."""
     from looped_jax.checkpoint import Checkpointer
