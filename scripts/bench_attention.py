@@ -46,7 +46,6 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--kv_heads", type=int, default=16)
     p.add_argument("--head_dim", type=int, default=128)
     p.add_argument("--window", type=int, default=4096, help="sliding-window span (mask 'sliding')")
-    p.add_argument("--documents", type=int, default=4, help="equal documents per row (mask 'packed')")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--masks", default=",".join(MASKS), help=f"comma-separated of {','.join(MASKS)}")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated of {','.join(IMPLS)}")
@@ -123,8 +122,9 @@ def memory_table(records: list[dict], a: argparse.Namespace) -> Table:
             rows.append([f"{T:,}", mask] + [cell(by[c]) for c in cases])
     caption = (
         f"One attention layer, {a.aot_topology} AOT (one chip), {a.dtype}, batch {a.batch}, d_model {a.d_model}, "
-        f"{a.heads} heads x {a.head_dim} ({a.kv_heads} kv heads); sliding window {a.window}; packed = "
-        f"{a.documents} documents per row (segment ids). Compiled temp memory per chip; fwd+bwd = gradients of the "
+        f"{a.heads} heads x {a.head_dim} ({a.kv_heads} kv heads); sliding window {a.window}; packed = causal "
+        "inside documents given by segment ids (abstract: the compile does not depend on their values). "
+        "Compiled temp memory per chip; fwd+bwd = gradients of the "
         "input and the weights."
     )
     return Table(header, rows, title="Attention layer memory: splash vs XLA", caption=caption)
