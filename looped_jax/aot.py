@@ -27,6 +27,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from looped_jax import jaxpr_flops
 from looped_jax import sharding as shd
 from looped_jax.aot_hlo import hlo_stats
 from looped_jax.config import ExperimentConfig
@@ -157,7 +158,9 @@ def compile_train_step(
             for k in BATCH_KEYS
         }
         with jax.set_mesh(mesh):
-            lowered = trainer.train_step.lower(state, batch)
+            traced = trainer.train_step.trace(state, batch)
+            lowered = traced.lower()
+    kernel = jaxpr_flops.count(traced.jaxpr)
     t1 = time.perf_counter()
     oom = None
     try:
@@ -206,8 +209,7 @@ def compile_train_step(
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
-    tokens = cfg.train.global_batch_size * cfg.data.seq_len
-    model_flops = analytic_flops(cfg, num_params, tokens)
+    model_flops = model_flops_per_step(cfg, mesh)
     stats = {
         "devices": len(devices),
         "platform": platform,
@@ -227,12 +229,9 @@ def compile_train_step(
         "shortfall_gib_per_chip": max(0.0, peak / GIB - hbm) if hbm is not None else None,
         "oom_message": oom,
         **({} if oom is None else _oom_numbers(oom)),
-        "collectives": hlo["collectives"],
-        "collectives_total": sum(hlo["collectives"].values()),
-        "mosaic_custom_calls": hlo["mosaic_custom_calls"],
-        "hlo_flops_per_chip": hlo["flops"],
-        "hlo_flops_per_step": hlo["flops"] * len(devices),
-        "loops_without_trip_count": hlo["loops_without_trip_count"],
+        **hlo_fields(hlo, len(devices)),
+        "kernel_flops_per_step": float(kernel["kernel_flops"]),
+        "kernel_calls_traced": kernel["kernels"],
         "cost_analysis_flops_per_chip": float(cost.get("flops", 0.0)) if cost else None,
         **model_flops,
     }
@@ -242,23 +241,62 @@ def compile_train_step(
     return stats
 
 
+def hlo_fields(hlo: dict, devices: int) -> dict:
+    """The result fields read from the optimized HLO (``aot_hlo.hlo_stats``)."""
+    return {
+        "collectives": hlo["collectives"],
+        "collectives_total": sum(hlo["collectives"].values()),
+        "mosaic_custom_calls": hlo["mosaic_custom_calls"],
+        "hlo_flops_per_chip": hlo["flops"],
+        "hlo_flops_per_step": hlo["flops"] * devices,
+        "loops_without_trip_count": hlo["loops_without_trip_count"],
+    }
+
+
+def kernel_flops_per_step(cfg: ExperimentConfig, devices: list) -> dict:
+    """Matmul FLOPs inside the Pallas kernels of the train step traced for ``devices`` (their platform and mesh),
+    without a compile: ``{"kernel_flops_per_step", "kernel_calls_traced"}``."""
+    counted = _traced_count(cfg, shd.make_mesh(cfg.mesh, devices))
+    return {"kernel_flops_per_step": float(counted["kernel_flops"]), "kernel_calls_traced": counted["kernels"]}
+
+
+def retrace(stats: dict, cfg: ExperimentConfig, devices: list) -> dict:
+    """A stored result with the traced FLOP fields (model FLOPs, kernel FLOPs) computed by this version, no
+    compile: for results stored before those fields existed."""
+    mesh = shd.make_mesh(cfg.mesh, devices)
+    return {**stats, **model_flops_per_step(cfg, mesh), **kernel_flops_per_step(cfg, devices)}
+
+
+def restat(stats: dict, hlo_path: str | os.PathLike) -> dict:
+    """A stored result with its HLO fields and projection recomputed from its kept ``hlo.txt.gz`` by this version
+    of the statistics (no recompile)."""
+    with gzip.open(hlo_path, "rt") as f:
+        out = {**stats, **hlo_fields(hlo_stats(f.read()), stats["devices"])}
+    if "peak_bf16_flops_per_chip" in out:
+        out.update(projection(out))
+    return out
+
+
 def projection(stats: dict) -> dict:
     """Compute-bound step time at the chip's peak bf16 FLOP/s (no communication) and MFU, from a compile's stats
-    (``hlo_flops_per_chip``, ``model_flops_per_step``, ``devices``, ``peak_bf16_flops_per_chip``,
-    ``loops_without_trip_count``): ``{"projected_step_s", "projected_step_is_lower_bound", "projected_mfu"}``.
+    (``hlo_flops_per_chip``, ``kernel_flops_per_step``, ``model_flops_per_step``, ``devices``,
+    ``peak_bf16_flops_per_chip``, ``loops_without_trip_count``): ``{"projected_step_s",
+    "projected_step_is_lower_bound", "projected_mfu"}``.
 
-    Where a loop has a data-dependent trip count (sampled recurrence, ACT halting) the HLO count took its body
-    once: the HLO FLOPs and the model FLOPs (at the mean depth) are then both lower bounds on the work, the step
-    is projected from the larger of the two and no MFU is given."""
-    peak, hlo = stats["peak_bf16_flops_per_chip"], stats["hlo_flops_per_chip"]
+    The step's work is the HLO's matmul FLOPs plus those inside Pallas kernels (opaque custom calls in the HLO,
+    counted on the traced kernel bodies). Where a loop has a data-dependent trip count (sampled recurrence, ACT
+    halting) the HLO count took its body once: the HLO and the model FLOPs (at the mean depth) are then both lower
+    bounds on the work, the step is projected from the larger of the two and no MFU is given."""
+    peak = stats["peak_bf16_flops_per_chip"]
+    work = stats["hlo_flops_per_chip"] + stats.get("kernel_flops_per_step", 0.0) / stats["devices"]
     model_per_chip = stats["model_flops_per_step"] / stats["devices"]
     if stats["loops_without_trip_count"]:
         return {
-            "projected_step_s": max(model_per_chip, hlo) / peak,
+            "projected_step_s": max(model_per_chip, work) / peak,
             "projected_step_is_lower_bound": True,
             "projected_mfu": None,
         }
-    step_s = hlo / peak
+    step_s = work / peak
     return {
         "projected_step_s": step_s,
         "projected_step_is_lower_bound": False,
@@ -266,12 +304,43 @@ def projection(stats: dict) -> dict:
     }
 
 
-def analytic_flops(cfg: ExperimentConfig, num_params: int, tokens: int) -> dict:
-    """Model FLOPs per train step: 6 x (parameters a token passes through) x tokens, plus causal attention
-    (Kaplan et al. 2020 / PaLM appendix B: 6N + 6 * layers * T * d_attn per token, halved for causal). Recurrent
-    depth (Geiping et al. 2025): the core runs ``mean_loops`` times forward, ``grad_steps`` of them backward, so
-    its weights count 2 * loops + 4 * grad_steps per token. Other families: 6N per token over every parameter
-    (each is used once per token), which undercounts looped cores; the method is named in the result."""
+def model_flops_per_step(cfg: ExperimentConfig, mesh) -> dict:
+    """Model FLOPs of one train step: the matmul FLOPs of the step traced for the mesh's platform with remat off,
+    counted on its jaxpr (``looped_jax.jaxpr_flops``, Pallas kernel bodies x grid included): forward, backward and
+    attention as the code runs them there, for every family alike, without the recomputation a remat policy adds.
+    A recurrent-depth model samples its depth (a loop of data-dependent length), so it uses the analytic count at
+    ``mean_loops`` instead (``analytic_flops``)."""
+    if hasattr(cfg.model, "num_core_layers") and hasattr(cfg.model, "mean_loops"):
+        return analytic_flops(cfg, cfg.train.global_batch_size * cfg.data.seq_len)
+    ref = cfg
+    if getattr(cfg.model, "remat_policy", ""):
+        ref = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat_policy=""))
+    counted = _traced_count(ref, mesh)
+    method = "jaxpr count, no remat"
+    if counted["loops_without_trip_count"]:
+        method += f", {counted['loops_without_trip_count']} data-dependent loop(s) counted once"
+    return {"model_flops_per_step": float(counted["flops"]), "model_flops_method": method}
+
+
+def _traced_count(cfg: ExperimentConfig, mesh) -> dict:
+    """``jaxpr_flops.count`` of the train step traced (not compiled) for the mesh's platform."""
+    from looped_jax.nn.platform import use_platform
+    from looped_jax.train.trainer import BATCH_KEYS, Trainer
+
+    with use_platform(mesh.devices.flat[0].platform):
+        trainer = Trainer(cfg, mesh=mesh, log=False)
+        state = trainer.abstract_state()
+        shape = (cfg.train.global_batch_size, cfg.data.seq_len)
+        batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32) for k in BATCH_KEYS}
+        with jax.set_mesh(mesh):
+            return jaxpr_flops.count(trainer.train_step.trace(state, batch).jaxpr)
+
+
+def analytic_flops(cfg: ExperimentConfig, tokens: int) -> dict:
+    """Model FLOPs per train step of a recurrent-depth model (Geiping et al. 2025), whose sampled depth a trace
+    cannot count: 6 x (parameters a token passes through) x tokens plus causal attention (Kaplan et al. 2020 /
+    PaLM appendix B: 6 * layers * T * d_attn per token, halved for causal), with the core run ``mean_loops`` times
+    forward and ``grad_steps`` of them backward, so its weights count 2 * loops + 4 * grad_steps per token."""
     m = cfg.model
     T = cfg.data.seq_len
     if hasattr(m, "num_core_layers") and hasattr(m, "mean_loops"):
@@ -287,4 +356,4 @@ def analytic_flops(cfg: ExperimentConfig, num_params: int, tokens: int) -> dict:
         fwd = 2 * (once + head + loops * (core + adapter))
         bwd = 4 * (once + head + back * (core + adapter))
         return {"model_flops_per_step": float((fwd + bwd) * tokens), "model_flops_method": "recurrent-depth analytic"}
-    return {"model_flops_per_step": float(6 * num_params * tokens), "model_flops_method": "6 N per token"}
+    raise ValueError(f"analytic_flops counts recurrent-depth models only, not model {type(m).__name__}")

@@ -1,10 +1,12 @@
 """Statistics read from an optimized HLO module's text: matmul FLOPs with every while-loop body multiplied by its
 trip count (XLA's ``cost_analysis`` counts a loop body once), collective ops, and Mosaic (Pallas TPU) custom calls.
 
-FLOPs are those of ``dot`` and ``convolution`` instructions (2 x output elements x contracted elements), reached
-from the entry computation through fusions, calls, conditionals (the costliest branch) and while loops (body x
-``known_trip_count``; a loop without one counts once and is reported). Work inside custom calls (Pallas kernels)
-is not visible in HLO and is not counted.
+FLOPs are those of ``dot`` (2 x output elements x contracted elements) and ``convolution`` instructions (2 x output
+batch-feature elements x kernel input features x the window taps that read real input: XLA:TPU writes multi-axis
+dot_generals as convolutions over padded or dilated windows), reached from the entry computation through fusions,
+calls, conditionals (the costliest branch) and while loops (body x trip count: ``known_trip_count``, else read from
+a ``counter < constant`` loop; a loop without one counts once and is reported). Work inside custom calls (Pallas
+kernels) is not visible in HLO and is not counted here (``looped_jax.jaxpr_flops`` counts it on the traced kernels).
 """
 
 from __future__ import annotations
@@ -47,11 +49,130 @@ def _parse(text: str) -> tuple[dict, str]:
     return comps, entry
 
 
+def _operands(rest: str) -> list[str]:
+    return re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+
+
+def _window(rest: str) -> dict[str, list]:
+    """``window={size=3x3 stride=2x2 pad=1_1x0_0 lhs_dilate=.. rhs_dilate=..}`` -> per-dimension lists."""
+    m = re.search(r"window=\{([^}]*)\}", rest)
+    out: dict[str, list] = {}
+    for key, val in re.findall(r"(\w+)=([\w\-]+)", m.group(1) if m else ""):
+        parts = val.split("x")
+        out[key] = [tuple(int(v) for v in p.split("_")) for p in parts] if key == "pad" else [int(v) for v in parts]
+    return out
+
+
+def _taps(length: int, window: int, out: int, stride: int, lo: int, lhs_dilate: int, rhs_dilate: int) -> int:
+    """(output position, window tap) pairs of one spatial dimension that read a real input element (not padding, not
+    a hole of the base dilation)."""
+    span = (length - 1) * lhs_dilate
+    total = 0
+    for w in range(window):
+        q = [p * stride + w * rhs_dilate - lo for p in range(out)]
+        total += sum(1 for v in q if 0 <= v <= span and v % lhs_dilate == 0)
+    return total
+
+
+def convolution_flops(lhs: str, rhs: str, out: str, rest: str) -> int:
+    """FLOPs of an HLO convolution: 2 x (output batch x feature elements) x (kernel input features) x the window
+    taps that read real input, per spatial dimension. XLA:TPU writes dot_generals with several contracting or batch
+    dimensions as convolutions whose spatial "window" runs over padding or a dilated base (a head axis as
+    ``window={size=16 pad=15_15}`` over a length-1 dimension: one real tap per output position), so counting the
+    whole window would overcount those by the window size."""
+    dl = re.search(r"dim_labels=([\w]+)_([\w]+)->([\w]+)", rest)
+    ld, rd, od = _dims(lhs), _dims(rhs), _dims(out)
+    if dl is None or ld is None or rd is None or od is None:
+        return 0
+    lhs_l, rhs_l, out_l = dl.groups()
+    if not (len(lhs_l) == len(ld) and len(rhs_l) == len(rd) and len(out_l) == len(od)):
+        return 0
+    win = _window(rest)
+    n_sp = sum(c.isdigit() for c in out_l)
+    total = 2 * od[out_l.index("b")] * od[out_l.index("f")] * rd[rhs_l.index("i")]
+    for k in range(n_sp):
+        c = str(k)
+        size = win.get("size", [1] * n_sp)[k]
+        total *= _taps(
+            ld[lhs_l.index(c)],
+            size,
+            od[out_l.index(c)],
+            win.get("stride", [1] * n_sp)[k],
+            win.get("pad", [(0, 0)] * n_sp)[k][0],
+            win.get("lhs_dilate", [1] * n_sp)[k],
+            win.get("rhs_dilate", [1] * n_sp)[k],
+        )
+    return total
+
+
+def _source(instrs_by_name: dict, name: str) -> tuple | None:
+    """The instruction ``name`` is a copy (or bitcast) of, through a chain of them."""
+    for _ in range(8):
+        ins = instrs_by_name.get(name)
+        if ins is None or ins[2] not in ("copy", "bitcast"):
+            return ins
+        name = _operands(ins[3])[0]
+    return None
+
+
+def _const(instrs_by_name: dict, name: str) -> int | None:
+    """The integer value of a scalar ``constant`` (through copies), else None."""
+    ins = _source(instrs_by_name, name)
+    if ins is None or ins[2] != "constant" or not re.match(r"^[su]\d+\[\]", ins[1]):
+        return None
+    m = re.match(r"\s*(-?\d+)\)", ins[3])
+    return int(m.group(1)) if m else None
+
+
+def _tuple_index(instrs_by_name: dict, name: str) -> int | None:
+    """k when ``name`` is get-tuple-element(.., index=k) (through copies), else None."""
+    ins = _source(instrs_by_name, name)
+    if ins is None or ins[2] != "get-tuple-element":
+        return None
+    return int(re.search(r"index=(\d+)", ins[3]).group(1))
+
+
+def trip_count(comps: dict, instrs_by_name: dict, while_rest: str) -> int | None:
+    """The trip count of a ``while``: XLA's ``known_trip_count`` when it is there, else read from the loop's form
+    (the TPU pipeline drops the attribute from loops it rewrites): the condition's root is ``counter < N`` with N a
+    constant, the counter's initial value is a constant and the body adds 1 to it. None when the form differs (a
+    data-dependent loop)."""
+    trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', while_rest)
+    if trip:
+        return int(trip.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", while_rest)
+    body = re.search(r"body=%?([\w.\-]+)", while_rest)
+    init = _operands(while_rest)
+    if not (cond and body and init) or not comps.get(cond.group(1)) or not comps.get(body.group(1)):
+        return None
+    _, _, op, rest = comps[cond.group(1)][-1]  # the root is printed last
+    if op != "compare" or "direction=LT" not in rest:
+        return None
+    a, b = _operands(rest)[:2]
+    index, limit = _tuple_index(instrs_by_name, a), _const(instrs_by_name, b)
+    tup = _source(instrs_by_name, init[0])
+    if index is None or limit is None or tup is None or tup[2] != "tuple" or index >= len(_operands(tup[3])):
+        return None
+    start = _const(instrs_by_name, _operands(tup[3])[index])
+    root = comps[body.group(1)][-1]
+    if start is None or root[2] != "tuple" or index >= len(_operands(root[3])):
+        return None
+    step = _source(instrs_by_name, _operands(root[3])[index])
+    if step is None or step[2] != "add":
+        return None
+    x, y = _operands(step[3])[:2]
+    for counter, one in ((x, y), (y, x)):
+        if _tuple_index(instrs_by_name, counter) == index and _const(instrs_by_name, one) == 1:
+            return max(0, limit - start)
+    return None
+
+
 def hlo_stats(text: str) -> dict:
     """``{"flops", "collectives": {op: count}, "mosaic_custom_calls", "loops_without_trip_count"}`` of an HLO
     module; collective and custom-call counts are static (instructions in the program, not executions)."""
     comps, entry = _parse(text)
     shapes = {name: shape for instrs in comps.values() for name, shape, _, _ in instrs}
+    instrs_by_name = {i[0]: i for instrs in comps.values() for i in instrs}
     untripped: list[str] = []
 
     def dot_flops(shape, rest):
@@ -65,14 +186,10 @@ def hlo_stats(text: str) -> dict:
         return 2 * math.prod(out) * k
 
     def conv_flops(shape, rest):
-        out = _dims(shape)
         ops = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
-        if out is None or len(ops) < 2 or ops[1] not in shapes:
+        if len(ops) < 2 or ops[0] not in shapes or ops[1] not in shapes:
             return 0
-        ker = _dims(shapes[ops[1]]) or [1]
-        dl = re.search(r"dim_labels=\w+_(\w+)->", rest)
-        o_idx = dl.group(1).index("o") if dl and "o" in dl.group(1) else len(ker) - 1
-        return 2 * math.prod(out) * math.prod(ker) // max(1, ker[o_idx])
+        return convolution_flops(shapes[ops[0]], shapes[ops[1]], shape, rest)
 
     @cache
     def flops(comp: str) -> int:
@@ -84,10 +201,10 @@ def hlo_stats(text: str) -> dict:
                 total += conv_flops(shape, rest)
             elif op == "while":
                 body = re.search(r"body=%?([\w.\-]+)", rest)
-                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)
+                trip = trip_count(comps, instrs_by_name, rest)
                 if trip is None:
                     untripped.append(name)
-                total += (int(trip.group(1)) if trip else 1) * (flops(body.group(1)) if body else 0)
+                total += (1 if trip is None else trip) * (flops(body.group(1)) if body else 0)
             elif op == "conditional":
                 branches = re.search(r"branch_computations=\{([^}]*)\}", rest)
                 names = re.findall(r"%?([\w.\-]+)", branches.group(1)) if branches else []

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from looped_jax.aot import projection  # noqa: E402
+from looped_jax.aot import projection, restat, retrace, topology_devices  # noqa: E402
 from looped_jax.config import load_config, parse_overrides  # noqa: E402
 from looped_jax.results import Table, write_results  # noqa: E402
 
@@ -65,6 +65,7 @@ def results_table(stats: dict, config: str, topology: str) -> Table:
         ["collectives (static count)", ", ".join(f"{k} {v}" for k, v in stats["collectives"].items()) or "none"],
         ["Mosaic custom calls", str(stats["mosaic_custom_calls"])],
         ["HLO FLOPs per step (loops x trip counts)", f"{stats['hlo_flops_per_step']:.4g}"],
+        ["Pallas kernel FLOPs per step (traced kernel bodies x grid)", f"{stats.get('kernel_flops_per_step', 0):.4g}"],
         ["cost_analysis FLOPs per chip (loop bodies once)", f"{stats['cost_analysis_flops_per_chip']:.4g}"],
         [f"model FLOPs per step ({stats['model_flops_method']})", f"{stats['model_flops_per_step']:.4g}"],
         ["projected step (compute-bound, peak bf16) / MFU",
@@ -76,6 +77,8 @@ def results_table(stats: dict, config: str, topology: str) -> Table:
 
 
 ROOT = Path(__file__).resolve().parents[1]
+# Bumped when the traced FLOP counts (model, kernel) change: --reuse / --cached trace stored results again.
+FLOPS_VERSION = 2
 # --small: one CPU config per family, compiled for 4 v5e chips (data=4) -- the cheap version that runs in CI
 SMALL_TOPOLOGY = "v5e:2x2"
 SMALL_CONFIGS = (
@@ -122,12 +125,25 @@ def plan(small: bool, only: str | None) -> list[tuple[Path, str, tuple[str, ...]
 
 def _row(config: str, topology: str, stats: dict | None, rc: int, wall_s: float, error: str) -> list[str]:
     if stats is None:
-        return [config, topology, "-", "-", f"{wall_s:.0f}", "-", f"error (exit {rc}): {error}", "-", "-", "-", "-"]
+        return [
+            config,
+            topology,
+            "-",
+            "-",
+            f"{wall_s:.0f}",
+            "-",
+            f"error (exit {rc}): {error}",
+            "-",
+            "-",
+            "-",
+            "-",
+            "-",
+        ]
     mesh = " ".join(f"{k}{v}" for k, v in stats["mesh"].items() if v > 1) or "1 chip"
     peak = f"{stats['peak_gib_per_chip']:.2f}"
     if stats.get("measured_from") == "oom_message":
         return [config, topology, mesh, str(stats["per_chip_batch"]), f"{stats['compile_s']:.0f}", peak,
-                f"no (HBM {stats['hbm_gib_per_chip']})", "-", "-", "-", "-"]  # fmt: skip
+                f"no (HBM {stats['hbm_gib_per_chip']})", "-", "-", "-", "-", "-"]  # fmt: skip
     fits = {True: "yes", False: "no", None: "?"}[stats["fits"]]
     params = f"{stats['params'] / 1e6:,.0f}M" if stats["params"] >= 1e6 else f"{stats['params'] / 1e3:,.0f}k"
     mfu = stats.get("projected_mfu")
@@ -140,7 +156,9 @@ def _row(config: str, topology: str, stats: dict | None, rc: int, wall_s: float,
         f"{peak} (args {stats['argument_gib_per_chip']:.2f}, temp {stats['temp_gib_per_chip']:.2f})",
         f"{fits} (HBM {stats['hbm_gib_per_chip']})",
         str(stats["collectives_total"]),
-        f"{stats['hlo_flops_per_step']:.3g}",
+        f"{stats['hlo_flops_per_step']:.3g}"
+        + (f" + {stats['kernel_flops_per_step']:.3g}" if stats.get("kernel_flops_per_step") else ""),
+        f"{stats['model_flops_per_step']:.3g}",
         (">= " if stats.get("projected_step_is_lower_bound") else "") + f"{stats['projected_step_s']:.3g}"
         if "projected_step_s" in stats
         else "-",
@@ -150,7 +168,7 @@ def _row(config: str, topology: str, stats: dict | None, rc: int, wall_s: float,
 
 ALL_HEADER = [
     "config", "topology", "layout (params)", "seqs/chip", "compile s", "peak GiB/chip", "fits",
-    "collectives", "HLO FLOPs/step", "projected step s", "projected MFU",
+    "collectives", "HLO (+ kernel) FLOPs/step", "model FLOPs/step", "projected step s", "projected MFU",
 ]  # fmt: skip
 
 
@@ -172,8 +190,16 @@ def run_all(args, rest: list[str]) -> int:
             old = json.loads(result.read_text())["data"]
             digest = config_digest(load_config(path, parse_overrides([*overrides, *rest])))
             if old.get("config_digest") == digest:
-                if "peak_bf16_flops_per_chip" in old:  # the projection as this version computes it
+                hlo = result.parent / "hlo.txt.gz"
+                if old.get("flops_version") != FLOPS_VERSION:  # counted by an older version: trace again, no compile
+                    print("    tracing for model and kernel FLOPs ...", file=sys.stderr, flush=True)
+                    cfg = load_config(path, parse_overrides([*overrides, *rest]))
+                    old = {**retrace(old, cfg, topology_devices(topo)), "flops_version": FLOPS_VERSION}
+                if hlo.is_file():  # HLO statistics and projection as this version computes them
+                    old = restat(old, hlo)
+                elif "peak_bf16_flops_per_chip" in old:
                     old.update(projection(old))
+                write_results(sub, [results_table(old, str(path.relative_to(ROOT)), topo)], old)
                 rows.append(_row(path.name, topo, old, 0, 0.0, ""))
                 data.append({"config": path.name, "topology": topo, "returncode": 0, "reused": True, "stats": old})
                 failed += old.get("fits") is False
@@ -181,7 +207,7 @@ def run_all(args, rest: list[str]) -> int:
                 continue
         if args.cached:  # table of stored results only
             rows.append([path.name, topo, "-", "-", "-", "-", "not compiled yet (run without --cached)", "-", "-", "-",
-                         "-"])  # fmt: skip
+                         "-", "-"])  # fmt: skip
             data.append({"config": path.name, "topology": topo, "returncode": None, "stats": None})
             failed += 1
             continue
@@ -202,10 +228,14 @@ def run_all(args, rest: list[str]) -> int:
         ("Every family's CPU config" if args.small else "Every published-size config (TARGET_TOPOLOGY)")
         + " AOT-compiled on CPU for its TPU slice: train step with the config's mesh and remat policy. peak = the "
         "compiler's per-chip peak (arguments: params + optimizer state + batch; temp: activations and buffers). "
-        "HLO FLOPs count loop bodies x trip counts; projected step = per-chip HLO FLOPs at the chip's peak bf16 "
-        "FLOP/s (compute-bound, no communication), MFU = model FLOPs / (chips x peak x projected step); where a loop "
-        "has a data-dependent trip count (sampled recurrence depth, ACT halting) the HLO count is a lower bound, the "
-        "step is projected from the larger of the HLO and the model FLOPs (>=) and no MFU is given."
+        "HLO FLOPs: the optimized program's matmuls, loop bodies x trip counts; kernel FLOPs: the matmuls inside "
+        "Pallas kernels (opaque in the HLO), counted on the traced kernel bodies x grid; model FLOPs: the step traced "
+        "for the same slice with remat off, counted on its jaxpr (recurrent depth: analytic at mean_loops), so MFU "
+        "here is the share of the compiled work that is not recomputation (an upper bound on the real MFU). Projected "
+        "step = per-chip HLO + kernel FLOPs at the chip's peak bf16 FLOP/s (compute-bound, no communication), "
+        "MFU = model FLOPs / (chips x peak x projected step); where a loop has a data-dependent "
+        "trip count (sampled recurrence depth, ACT halting) the HLO count is a lower bound, the step is projected "
+        "from the larger of the HLO and the model FLOPs (>=) and no MFU is given."
     )
     out = write_results(name, [Table(ALL_HEADER, rows, title="TPU AOT compile of every config", caption=caption)], data)
     print((out / "results.md").read_text())
@@ -239,6 +269,7 @@ def main(argv: list[str]) -> int:
         hlo_path = ROOT / "runs" / args.name / "hlo.txt.gz"
         stats = compile_train_step(cfg, topology_devices(args.topology), hlo_path=hlo_path)
         stats["config_digest"] = config_digest(cfg)
+        stats["flops_version"] = FLOPS_VERSION
     except ValueError as e:  # unknown topology, a batch the mesh cannot split: the message says what would work
         print(f"error: {e}", file=sys.stderr)
         return 2

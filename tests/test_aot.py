@@ -154,3 +154,79 @@ def test_projection_takes_the_larger_lower_bound_where_a_loop_has_no_trip_count(
     assert hlo_larger == {"projected_step_s": 2.5, "projected_step_is_lower_bound": True, "projected_mfu": None}
     model_larger = projection({**base, "hlo_flops_per_chip": 50.0, "loops_without_trip_count": 2})
     assert model_larger["projected_step_s"] == 2.0 and model_larger["projected_mfu"] is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install '.[tpu]')")
+def test_hlo_flops_of_tpu_convolutions_and_rewritten_loops_are_exact():
+    """XLA:TPU writes multi-axis dot_generals as convolutions whose window runs over padding or a dilated base (a
+    head axis as window={size=H pad=H-1_H-1}); only the taps on real input are work. Its loop rewrites also drop
+    known_trip_count, which is then read from the loop's counter. Both were counted wrong (x heads, x 1/trip)."""
+    from jax.sharding import SingleDeviceSharding
+
+    from looped_jax.aot import topology_devices
+
+    dev = SingleDeviceSharding(topology_devices("v5e:2x2")[0])
+    B, T, D, H, K, L = 2, 256, 512, 8, 64, 5
+
+    def f(x, wq, wo):
+        def layer(x, _):
+            q = jnp.einsum("btd,dhk->bthk", x, wq)  # projection to heads: contracting d, output (h, k)
+            s = jnp.einsum("bqhk,bshk->bhqs", q, q)  # batched over (b, h)
+            o = jnp.einsum("bhqs,bshk->bqhk", s, q)
+            return x + jnp.einsum("bthk,hkd->btd", o, wo), None  # contracting (h, k)
+
+        return jax.lax.scan(layer, x, None, length=L)[0].sum()
+
+    shapes = (jax.ShapeDtypeStruct((B, T, D), jnp.bfloat16, sharding=dev),
+              jax.ShapeDtypeStruct((D, H, K), jnp.bfloat16, sharding=dev),
+              jax.ShapeDtypeStruct((H, K, D), jnp.bfloat16, sharding=dev))  # fmt: skip
+    fwd = 2 * B * T * D * H * K * 2 + 2 * 2 * B * H * T * T * K  # two projections + two attention products
+    for fn, want in ((f, fwd), (jax.grad(f, argnums=(0, 1, 2)), 3 * fwd)):
+        text = jax.jit(fn).lower(*shapes).compile().as_text()
+        assert " convolution(" in text  # the TPU form this test is about
+        stats = hlo_stats(text)
+        assert stats["loops_without_trip_count"] == 0
+        assert stats["flops"] == L * want, (stats["flops"], L * want)
+
+
+def test_restat_recomputes_stored_results_from_their_kept_hlo(tmp_path):
+    """--reuse / --cached read a stored compile's statistics again from its hlo.txt.gz, so a fix to the counting
+    reaches every stored row without a recompile."""
+    import gzip
+
+    from looped_jax.aot import restat
+
+    text = "\n".join([
+        "HloModule m",
+        "ENTRY %main (p0: f32[8,16], p1: f32[16,4]) -> f32[8,4] {",
+        "  %p0 = f32[8,16]{1,0} parameter(0)",
+        "  %p1 = f32[16,4]{1,0} parameter(1)",
+        "  %dot.2 = f32[8,4]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
+        "  ROOT %all-gather.3 = f32[8,4]{1,0} all-gather(%dot.2), replica_groups={}, dimensions={0}",
+        "}",
+    ])  # fmt: skip
+    path = tmp_path / "hlo.txt.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(text)
+    stored = {"devices": 4, "hlo_flops_per_chip": 1.0, "hlo_flops_per_step": 4.0, "collectives": {},
+              "collectives_total": 0, "mosaic_custom_calls": 0, "loops_without_trip_count": 3,
+              "peak_bf16_flops_per_chip": 1024.0, "model_flops_per_step": 2048.0, "params": 7}  # fmt: skip
+    out = restat(stored, path)
+    assert out["hlo_flops_per_chip"] == 2 * 8 * 4 * 16 and out["hlo_flops_per_step"] == 4 * 2 * 8 * 4 * 16
+    assert out["collectives"] == {"all-gather": 1} and out["collectives_total"] == 1
+    assert out["loops_without_trip_count"] == 0 and out["params"] == 7
+    assert out["projected_step_s"] == 2 * 8 * 4 * 16 / 1024 and out["projected_mfu"] == pytest.approx(0.5)
+
+
+def test_projection_adds_the_pallas_kernel_work_the_hlo_cannot_see():
+    from looped_jax.aot import projection
+
+    base = {
+        "peak_bf16_flops_per_chip": 100.0,
+        "devices": 4,
+        "model_flops_per_step": 800.0,
+        "loops_without_trip_count": 0,
+    }
+    with_kernels = projection({**base, "hlo_flops_per_chip": 150.0, "kernel_flops_per_step": 400.0})
+    assert with_kernels["projected_step_s"] == 2.5  # (150 + 400 / 4) / 100
+    assert with_kernels["projected_mfu"] == pytest.approx(800 / (4 * 100 * 2.5))
