@@ -136,9 +136,6 @@ def compile_train_step(
     collective and timing stats. A program too big for HBM is compiled again with the limit raised (its numbers
     are reported with ``fits=False``) instead of raising. ``hlo_path`` (``*.gz``) keeps the optimized HLO text,
     so its statistics can be read again without a compile of half an hour."""
-    from looped_jax.nn.platform import use_platform
-    from looped_jax.train.trainer import BATCH_KEYS, Trainer
-
     platform = devices[0].platform
     kind = getattr(devices[0], "device_kind", "")
     gen = next((g for g in CHIPS if g in kind.lower().replace(" ", "").replace("lite", "e")), None)
@@ -147,20 +144,8 @@ def compile_train_step(
     check_batch(cfg, len(devices))
     mesh = shd.make_mesh(cfg.mesh, devices)
     t0 = time.perf_counter()
-    with use_platform(platform):
-        trainer = Trainer(cfg, mesh=mesh, log=False)
-        state = trainer.abstract_state()
-        shape = (cfg.train.global_batch_size, cfg.data.seq_len)
-        batch = {
-            k: jax.ShapeDtypeStruct(
-                shape, jnp.float32 if k == "weights" else jnp.int32, sharding=trainer.batch_sharding
-            )
-            for k in BATCH_KEYS
-        }
-        with jax.set_mesh(mesh):
-            traced = trainer.train_step.trace(state, batch)
-            lowered = traced.lower()
-    kernel = jaxpr_flops.count(traced.jaxpr)
+    state, traced, lowered = _trace_train_step(cfg, mesh, lower=True)
+    counted = jaxpr_flops.count(traced.jaxpr)
     t1 = time.perf_counter()
     oom = None
     try:
@@ -209,7 +194,6 @@ def compile_train_step(
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
-    model_flops = model_flops_per_step(cfg, mesh)
     stats = {
         "devices": len(devices),
         "platform": platform,
@@ -230,10 +214,8 @@ def compile_train_step(
         "oom_message": oom,
         **({} if oom is None else _oom_numbers(oom)),
         **hlo_fields(hlo, len(devices)),
-        "kernel_flops_per_step": float(kernel["kernel_flops"]),
-        "kernel_calls_traced": kernel["kernels"],
         "cost_analysis_flops_per_chip": float(cost.get("flops", 0.0)) if cost else None,
-        **model_flops,
+        **traced_flops(cfg, mesh, counted),
     }
     if chip is not None:
         stats["peak_bf16_flops_per_chip"] = chip.peak_bf16_flops
@@ -253,18 +235,21 @@ def hlo_fields(hlo: dict, devices: int) -> dict:
     }
 
 
-def kernel_flops_per_step(cfg: ExperimentConfig, devices: list) -> dict:
-    """Matmul FLOPs inside the Pallas kernels of the train step traced for ``devices`` (their platform and mesh),
-    without a compile: ``{"kernel_flops_per_step", "kernel_calls_traced"}``."""
-    counted = _traced_count(cfg, shd.make_mesh(cfg.mesh, devices))
-    return {"kernel_flops_per_step": float(counted["kernel_flops"]), "kernel_calls_traced": counted["kernels"]}
+def traced_flops(cfg: ExperimentConfig, mesh, counted: dict | None = None) -> dict:
+    """The FLOP fields counted on the traced (not compiled) train step: Pallas kernel FLOPs and model FLOPs
+    (``model_flops_per_step``). ``counted`` is ``jaxpr_flops.count`` of this config's step when already at hand."""
+    counted = counted or jaxpr_flops.count(_trace_train_step(cfg, mesh)[1].jaxpr)
+    return {
+        "kernel_flops_per_step": float(counted["kernel_flops"]),
+        "kernel_calls_traced": counted["kernels"],
+        **model_flops_per_step(cfg, mesh, counted),
+    }
 
 
 def retrace(stats: dict, cfg: ExperimentConfig, devices: list) -> dict:
-    """A stored result with the traced FLOP fields (model FLOPs, kernel FLOPs) computed by this version, no
-    compile: for results stored before those fields existed."""
-    mesh = shd.make_mesh(cfg.mesh, devices)
-    return {**stats, **model_flops_per_step(cfg, mesh), **kernel_flops_per_step(cfg, devices)}
+    """A stored result with the traced FLOP fields (``traced_flops``) counted by this version, no compile: for
+    results stored before those fields (or this way of counting them) existed."""
+    return {**stats, **traced_flops(cfg, shd.make_mesh(cfg.mesh, devices))}
 
 
 def restat(stats: dict, hlo_path: str | os.PathLike) -> dict:
@@ -304,26 +289,27 @@ def projection(stats: dict) -> dict:
     }
 
 
-def model_flops_per_step(cfg: ExperimentConfig, mesh) -> dict:
+def model_flops_per_step(cfg: ExperimentConfig, mesh, counted: dict) -> dict:
     """Model FLOPs of one train step: the matmul FLOPs of the step traced for the mesh's platform with remat off,
     counted on its jaxpr (``looped_jax.jaxpr_flops``, Pallas kernel bodies x grid included): forward, backward and
     attention as the code runs them there, for every family alike, without the recomputation a remat policy adds.
-    A recurrent-depth model samples its depth (a loop of data-dependent length), so it uses the analytic count at
+    ``counted`` is the count of the config's own step, which is the answer when it sets no remat policy. A
+    recurrent-depth model samples its depth (a loop of data-dependent length), so it uses the analytic count at
     ``mean_loops`` instead (``analytic_flops``)."""
     if hasattr(cfg.model, "num_core_layers") and hasattr(cfg.model, "mean_loops"):
         return analytic_flops(cfg, cfg.train.global_batch_size * cfg.data.seq_len)
-    ref = cfg
     if getattr(cfg.model, "remat_policy", ""):
         ref = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat_policy=""))
-    counted = _traced_count(ref, mesh)
+        counted = jaxpr_flops.count(_trace_train_step(ref, mesh)[1].jaxpr)
     method = "jaxpr count, no remat"
     if counted["loops_without_trip_count"]:
         method += f", {counted['loops_without_trip_count']} data-dependent loop(s) counted once"
     return {"model_flops_per_step": float(counted["flops"]), "model_flops_method": method}
 
 
-def _traced_count(cfg: ExperimentConfig, mesh) -> dict:
-    """``jaxpr_flops.count`` of the train step traced (not compiled) for the mesh's platform."""
+def _trace_train_step(cfg: ExperimentConfig, mesh, *, lower: bool = False) -> tuple:
+    """``(abstract state, traced step, lowered step or None)`` of the train step for the mesh's platform, on an
+    abstract batch sharded as the trainer shards it; nothing is allocated or compiled."""
     from looped_jax.nn.platform import use_platform
     from looped_jax.train.trainer import BATCH_KEYS, Trainer
 
@@ -331,9 +317,11 @@ def _traced_count(cfg: ExperimentConfig, mesh) -> dict:
         trainer = Trainer(cfg, mesh=mesh, log=False)
         state = trainer.abstract_state()
         shape = (cfg.train.global_batch_size, cfg.data.seq_len)
-        batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32) for k in BATCH_KEYS}
+        dtype = {k: jnp.float32 if k == "weights" else jnp.int32 for k in BATCH_KEYS}
+        batch = {k: jax.ShapeDtypeStruct(shape, dtype[k], sharding=trainer.batch_sharding) for k in BATCH_KEYS}
         with jax.set_mesh(mesh):
-            return jaxpr_flops.count(trainer.train_step.trace(state, batch).jaxpr)
+            traced = trainer.train_step.trace(state, batch)
+            return state, traced, traced.lower() if lower else None
 
 
 def analytic_flops(cfg: ExperimentConfig, tokens: int) -> dict:

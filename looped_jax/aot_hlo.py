@@ -177,7 +177,7 @@ def hlo_stats(text: str) -> dict:
 
     def dot_flops(shape, rest):
         out = _dims(shape)
-        ops = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+        ops = _operands(rest)
         cm = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
         if out is None or not ops or ops[0] not in shapes:
             return 0
@@ -186,7 +186,7 @@ def hlo_stats(text: str) -> dict:
         return 2 * math.prod(out) * k
 
     def conv_flops(shape, rest):
-        ops = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+        ops = _operands(rest)
         if len(ops) < 2 or ops[0] not in shapes or ops[1] not in shapes:
             return 0
         return convolution_flops(shapes[ops[0]], shapes[ops[1]], shape, rest)

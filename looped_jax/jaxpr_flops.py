@@ -1,16 +1,17 @@
 """Matmul FLOPs counted on a jaxpr, before XLA: what a program asks for, independent of how a compiler rewrites it.
 
-Two uses in the AOT tool (``looped_jax/aot.py``):
+Two uses in the AOT tool (``looped_jax/aot.py``), both on the train step traced for the target slice:
 
-- **model FLOPs**: the train step traced for the reference path (XLA attention, no remat) counts the matmul work
-  the algorithm needs, attention included, for every family alike (no per-family formula that can drift from the
-  code); a loop whose trip count is data-dependent is counted once and reported.
-- **kernel FLOPs**: the same step traced for TPU counts the matmuls inside Pallas kernels (the kernel body times
-  its grid), work that the optimized HLO hides inside opaque custom calls.
+- **kernel FLOPs**: the matmuls inside Pallas kernels (the kernel body times its grid), work that the optimized
+  HLO hides inside opaque custom calls.
+- **model FLOPs**: the step traced with remat off counts the matmul work the algorithm asks for, attention
+  included, for every family alike (no per-family formula that can drift from the code); a loop whose trip count
+  is data-dependent is counted once and reported.
 
 ``dot_general`` counts 2 x output elements x contracted elements; ``conv_general_dilated`` 2 x output elements x
 kernel elements per output feature. ``scan`` multiplies its body by its length, ``cond`` takes its costliest
-branch, ``while`` counts its body once; ``shard_map`` bodies see one shard, so they count times the shards.
+branch (so a kernel's masked-out blocks count), ``while`` counts its body once; ``shard_map`` bodies see one shard,
+so they count times the shards; a kernel grid dimension that is not static counts once.
 """
 
 from __future__ import annotations
@@ -80,12 +81,8 @@ def count(jaxpr, *, in_kernel: bool = False) -> dict:
 
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
-        if name == "dot_general":
-            f = _dot(eqn)
-            total["flops"] += f
-            total["kernel_flops"] += f if in_kernel else 0
-        elif name == "conv_general_dilated":
-            f = _conv(eqn)
+        if name in ("dot_general", "conv_general_dilated"):
+            f = _dot(eqn) if name == "dot_general" else _conv(eqn)
             total["flops"] += f
             total["kernel_flops"] += f if in_kernel else 0
         elif name == "pallas_call":

@@ -123,27 +123,19 @@ def plan(small: bool, only: str | None) -> list[tuple[Path, str, tuple[str, ...]
     return [j for j in jobs if only is None or only in j[0].stem]
 
 
+def _dashes(cells: list[str]) -> list[str]:
+    """A table row of ``ALL_HEADER`` whose remaining cells are "-"."""
+    return cells + ["-"] * (len(ALL_HEADER) - len(cells))
+
+
 def _row(config: str, topology: str, stats: dict | None, rc: int, wall_s: float, error: str) -> list[str]:
     if stats is None:
-        return [
-            config,
-            topology,
-            "-",
-            "-",
-            f"{wall_s:.0f}",
-            "-",
-            f"error (exit {rc}): {error}",
-            "-",
-            "-",
-            "-",
-            "-",
-            "-",
-        ]
+        return _dashes([config, topology, "-", "-", f"{wall_s:.0f}", "-", f"error (exit {rc}): {error}"])
     mesh = " ".join(f"{k}{v}" for k, v in stats["mesh"].items() if v > 1) or "1 chip"
     peak = f"{stats['peak_gib_per_chip']:.2f}"
     if stats.get("measured_from") == "oom_message":
-        return [config, topology, mesh, str(stats["per_chip_batch"]), f"{stats['compile_s']:.0f}", peak,
-                f"no (HBM {stats['hbm_gib_per_chip']})", "-", "-", "-", "-", "-"]  # fmt: skip
+        return _dashes([config, topology, mesh, str(stats["per_chip_batch"]), f"{stats['compile_s']:.0f}", peak,
+                        f"no (HBM {stats['hbm_gib_per_chip']})"])  # fmt: skip
     fits = {True: "yes", False: "no", None: "?"}[stats["fits"]]
     params = f"{stats['params'] / 1e6:,.0f}M" if stats["params"] >= 1e6 else f"{stats['params'] / 1e3:,.0f}k"
     mfu = stats.get("projected_mfu")
@@ -188,12 +180,11 @@ def run_all(args, rest: list[str]) -> int:
         result = ROOT / "runs" / sub / "results.json"
         if (args.reuse or args.cached) and result.is_file():
             old = json.loads(result.read_text())["data"]
-            digest = config_digest(load_config(path, parse_overrides([*overrides, *rest])))
-            if old.get("config_digest") == digest:
+            cfg = load_config(path, parse_overrides([*overrides, *rest]))
+            if old.get("config_digest") == config_digest(cfg):
                 hlo = result.parent / "hlo.txt.gz"
                 if old.get("flops_version") != FLOPS_VERSION:  # counted by an older version: trace again, no compile
                     print("    tracing for model and kernel FLOPs ...", file=sys.stderr, flush=True)
-                    cfg = load_config(path, parse_overrides([*overrides, *rest]))
                     old = {**retrace(old, cfg, topology_devices(topo)), "flops_version": FLOPS_VERSION}
                 if hlo.is_file():  # HLO statistics and projection as this version computes them
                     old = restat(old, hlo)
@@ -206,8 +197,7 @@ def run_all(args, rest: list[str]) -> int:
                 print(f"    reused {result} (same config)", file=sys.stderr, flush=True)
                 continue
         if args.cached:  # table of stored results only
-            rows.append([path.name, topo, "-", "-", "-", "-", "not compiled yet (run without --cached)", "-", "-", "-",
-                         "-", "-"])  # fmt: skip
+            rows.append(_dashes([path.name, topo, "-", "-", "-", "-", "not compiled yet (run without --cached)"]))
             data.append({"config": path.name, "topology": topo, "returncode": None, "stats": None})
             failed += 1
             continue
