@@ -9,7 +9,10 @@ Two uses in the AOT tool (``looped_jax/aot.py``), both on the train step traced 
   is data-dependent is counted once and reported.
 
 ``dot_general`` counts 2 x output elements x contracted elements; ``conv_general_dilated`` 2 x output elements x
-kernel elements per output feature. ``scan`` multiplies its body by its length, ``cond`` takes its costliest
+kernel elements per output feature. ``scan`` multiplies its body by its length, except the work in the body whose
+operands are the same on every iteration (it reads only the scan's constants): that counts once, as XLA's
+loop-invariant code motion hoists it out of the loop and as the algorithm needs it (e.g. a latent-thought model's
+first self-attention over the tokens, which no inner step changes). ``cond`` takes its costliest
 branch (so a kernel's masked-out blocks count), ``while`` counts its body once; ``shard_map`` bodies see one shard,
 so they count times the shards; a kernel grid dimension that is not static counts once.
 """
@@ -67,11 +70,63 @@ def _shards(params: dict) -> int:
     return math.prod(shape.get(a, 1) for a in axes)
 
 
-def count(jaxpr, *, in_kernel: bool = False) -> dict:
-    """``{"flops", "kernel_flops", "loops_without_trip_count", "kernels"}`` of a (closed) jaxpr: ``flops`` is all
-    matmul work, ``kernel_flops`` the part inside ``pallas_call`` kernels, ``kernels`` how many kernel calls."""
+def _zero() -> dict:
+    return {"flops": 0, "kernel_flops": 0, "loops_without_trip_count": 0, "kernels": 0}
+
+
+def _merge(into: dict, sub: dict) -> None:
+    for k in into:
+        into[k] += sub[k]
+
+
+def _has_kernel(eqn) -> bool:
+    return eqn.primitive.name == "pallas_call" or any(
+        _has_kernel(e) for sub in _sub_jaxprs(eqn.params) for e in sub.eqns
+    )
+
+
+def _split(jaxpr, invariant_in: list[bool], in_kernel: bool, hoist_kernels: bool) -> tuple[dict, dict]:
+    """``(once, each)``: the counts of a loop body's equations whose operands derive only from the inputs marked
+    invariant (computed once, hoisted) and of all the others (computed every iteration). A call-like equation
+    (pjit, remat, custom_jvp/vjp) with some changing operands is split through its body; anything else with a
+    changing operand, or with side effects, counts every iteration whole. ``hoist_kernels=False`` keeps invariant
+    Pallas kernels in the loop, as XLA does with their custom calls."""
     jaxpr = _as_jaxpr(jaxpr) or jaxpr
-    total = {"flops": 0, "kernel_flops": 0, "loops_without_trip_count": 0, "kernels": 0}
+    if len(invariant_in) != len(jaxpr.invars):
+        raise ValueError(f"_split: {len(invariant_in)} flags for {len(jaxpr.invars)} inputs")
+    inv = {v for v, f in zip(jaxpr.invars, invariant_in, strict=True) if f} | set(jaxpr.constvars)
+    once, each = _zero(), _zero()
+    for eqn in jaxpr.eqns:
+        flags = [not isinstance(v, jex_core.Var) or v in inv for v in eqn.invars]
+        if all(flags) and not eqn.effects and (hoist_kernels or not _has_kernel(eqn)):
+            _merge(once, _count_eqns([eqn], in_kernel, hoist_kernels))
+            inv.update(eqn.outvars)
+            continue
+        subs = _sub_jaxprs(eqn.params)
+        if (
+            eqn.primitive.name not in ("scan", "while", "cond", "pallas_call", "shard_map")
+            and len(subs) == 1
+            and len(subs[0].invars) == len(eqn.invars)
+            and not eqn.effects
+        ):
+            o, e = _split(subs[0], flags, in_kernel, hoist_kernels)
+            _merge(once, o)
+            _merge(each, e)
+        else:
+            _merge(each, _count_eqns([eqn], in_kernel, hoist_kernels))
+    return once, each
+
+
+def count(jaxpr, *, in_kernel: bool = False, hoist_kernels: bool = True) -> dict:
+    """``{"flops", "kernel_flops", "loops_without_trip_count", "kernels"}`` of a (closed) jaxpr: ``flops`` is all
+    matmul work, ``kernel_flops`` the part inside ``pallas_call`` kernels, ``kernels`` how many kernel calls.
+    ``hoist_kernels=False`` counts a loop-invariant kernel in a scan once per iteration: XLA hoists invariant dots
+    out of a loop but not the custom calls of Pallas kernels, so that is the work the compiled program runs."""
+    return _count_eqns((_as_jaxpr(jaxpr) or jaxpr).eqns, in_kernel, hoist_kernels)
+
+
+def _count_eqns(eqns, in_kernel: bool, hoist_kernels: bool) -> dict:
+    total = _zero()
 
     def add(sub: dict, times: int = 1) -> None:
         for k in ("flops", "kernel_flops"):
@@ -79,27 +134,31 @@ def count(jaxpr, *, in_kernel: bool = False) -> dict:
         total["loops_without_trip_count"] += sub["loops_without_trip_count"]
         total["kernels"] += sub["kernels"]
 
-    for eqn in jaxpr.eqns:
+    for eqn in eqns:
         name = eqn.primitive.name
         if name in ("dot_general", "conv_general_dilated"):
             f = _dot(eqn) if name == "dot_general" else _conv(eqn)
             total["flops"] += f
             total["kernel_flops"] += f if in_kernel else 0
         elif name == "pallas_call":
-            body = count(eqn.params["jaxpr"], in_kernel=True)
+            body = count(eqn.params["jaxpr"], in_kernel=True, hoist_kernels=hoist_kernels)
             body["kernels"] += 1
             add(body, _grid_size(eqn.params))
         elif name == "scan":
-            add(count(eqn.params["jaxpr"], in_kernel=in_kernel), int(eqn.params["length"]))
+            body = eqn.params["jaxpr"]
+            n_consts = eqn.params["num_consts"]
+            once, each = _split(body, [i < n_consts for i in range(len(eqn.invars))], in_kernel, hoist_kernels)
+            add(once)
+            add(each, int(eqn.params["length"]))
         elif name == "cond":
-            subs = [count(b, in_kernel=in_kernel) for b in eqn.params["branches"]]
+            subs = [count(b, in_kernel=in_kernel, hoist_kernels=hoist_kernels) for b in eqn.params["branches"]]
             add(max(subs, key=lambda s: s["flops"]))
         elif name == "while":
-            add(count(eqn.params["body_jaxpr"], in_kernel=in_kernel))
+            add(count(eqn.params["body_jaxpr"], in_kernel=in_kernel, hoist_kernels=hoist_kernels))
             total["loops_without_trip_count"] += 1
         elif name == "shard_map":
-            add(count(eqn.params["jaxpr"], in_kernel=in_kernel), _shards(eqn.params))
+            add(count(eqn.params["jaxpr"], in_kernel=in_kernel, hoist_kernels=hoist_kernels), _shards(eqn.params))
         else:
             for sub in _sub_jaxprs(eqn.params):
-                add(count(sub, in_kernel=in_kernel))
+                add(count(sub, in_kernel=in_kernel, hoist_kernels=hoist_kernels))
     return total

@@ -78,7 +78,7 @@ def results_table(stats: dict, config: str, topology: str) -> Table:
 
 ROOT = Path(__file__).resolve().parents[1]
 # Bumped when the traced FLOP counts (model, kernel) change: --reuse / --cached trace stored results again.
-FLOPS_VERSION = 2
+FLOPS_VERSION = 3
 # --small: one CPU config per family, compiled for 4 v5e chips (data=4) -- the cheap version that runs in CI
 SMALL_TOPOLOGY = "v5e:2x2"
 SMALL_CONFIGS = (
@@ -220,8 +220,9 @@ def run_all(args, rest: list[str]) -> int:
         "compiler's per-chip peak (arguments: params + optimizer state + batch; temp: activations and buffers). "
         "HLO FLOPs: the optimized program's matmuls, loop bodies x trip counts; kernel FLOPs: the matmuls inside "
         "Pallas kernels (opaque in the HLO), counted on the traced kernel bodies x grid; model FLOPs: the step traced "
-        "for the same slice with remat off, counted on its jaxpr (recurrent depth: analytic at mean_loops), so MFU "
-        "here is the share of the compiled work that is not recomputation (an upper bound on the real MFU). Projected "
+        "for the same slice with remat off, counted on its jaxpr, with work that reads only a loop's constants "
+        "counted once (recurrent depth: analytic at mean_loops), so MFU here is the share of the compiled work that "
+        "is not recomputation or repeated loop-invariant work (an upper bound on the real MFU). Projected "
         "step = per-chip HLO + kernel FLOPs at the chip's peak bf16 FLOP/s (compute-bound, no communication), "
         "MFU = model FLOPs / (chips x peak x projected step); where a loop has a data-dependent "
         "trip count (sampled recurrence depth, ACT halting) the HLO count is a lower bound, the step is projected "

@@ -15,7 +15,7 @@ def test_dot_scan_cond_and_while():
     dot = 2 * 4 * 64 * 32
 
     def f(x, w):
-        ys = jax.lax.scan(lambda c, _: (c, c @ w), x, None, length=3)[1]
+        ys = jax.lax.scan(lambda c, _: (c + 1.0, c @ w), x, None, length=3)[1]
         big = jax.lax.cond(x.sum() > 0, lambda: (x @ w) @ w.T, lambda: x)  # costlier branch: two dots
         n = jax.lax.while_loop(lambda c: c[0] < x.sum(), lambda c: (c[0] + 1.0, c[1] @ w @ w.T), (0.0, x))[1]
         return ys.sum() + big.sum() + n.sum()
@@ -23,6 +23,35 @@ def test_dot_scan_cond_and_while():
     c = count(jax.make_jaxpr(f)(x, w))
     assert c["flops"] == 3 * dot + 2 * dot + 2 * dot
     assert c["loops_without_trip_count"] == 1 and c["kernel_flops"] == 0
+
+
+def test_loop_invariant_work_in_a_scan_counts_once():
+    """A scan body's dots that read only its constants (the same on every iteration) count once, as XLA hoists
+    them; those that read the carry or the per-step inputs count once per iteration, through nested calls too."""
+    x, xs = jnp.ones((4, 64)), jnp.ones((5, 4, 64))
+    w = jax.random.normal(jax.random.key(0), (3, 64, 64))
+    dot = 2 * 4 * 64 * 64
+
+    @jax.jit  # a nested call whose body mixes both kinds
+    def mixed(c, x, w):
+        return c @ w[0] + jnp.tanh(x @ w[1]) @ w[2]
+
+    def f(x, w, xs):
+        def body(c, x_t):
+            return jnp.tanh(mixed(c, x, w) + x_t @ w[0]), None
+
+        return jax.lax.scan(body, x, xs)[0].sum()
+
+    # per iteration: c @ w0 and x_t @ w0; once: x @ w1 and tanh(.) @ w2, both invariant
+    assert count(jax.make_jaxpr(f)(x, w, xs))["flops"] == 2 * dot + 5 * 2 * dot
+
+    # the gradient's backward scan: the invariant forward dots are hoisted there as well, and the count
+    # matches what XLA's optimized CPU program computes
+    from looped_jax.aot_hlo import hlo_stats
+
+    g = jax.grad(f, argnums=(0, 1))
+    compiled = jax.jit(g).lower(x, w, xs).compile()
+    assert count(jax.make_jaxpr(g)(x, w, xs))["flops"] == hlo_stats(compiled.as_text())["flops"]
 
 
 def test_dense_stack_gradient_is_six_n_per_token_less_the_first_input_gradient():
@@ -64,6 +93,16 @@ def test_pallas_kernel_counts_body_times_grid():
     c = count(jax.make_jaxpr(lambda a, b: matmul(a, b) @ b.T)(a, b))
     assert c["kernel_flops"] == 2 * 32 * 24 * 48 and c["kernels"] == 1
     assert c["flops"] == 2 * 32 * 24 * 48 + 2 * 32 * 48 * 24
+
+    # in a scan, a kernel on the loop's constants is needed once (model FLOPs), but XLA keeps its custom call in
+    # the loop (the compiled program's kernel FLOPs); a kernel on the carry runs every iteration either way
+    def loop(a, b):
+        return jax.lax.scan(lambda c, _: (c + matmul(a, b)[:, :24] + matmul(c, b)[:, :24], None), a, length=4)[0]
+
+    j = jax.make_jaxpr(loop)(a, b)
+    kernel = 2 * 32 * 24 * 48
+    assert count(j)["kernel_flops"] == kernel + 4 * kernel
+    assert count(j, hoist_kernels=False)["kernel_flops"] == 8 * kernel
 
 
 def test_shard_map_body_counts_once_per_shard():
