@@ -87,20 +87,33 @@ def einsum_attention(
     is_causal: bool = False,
     window: int = 0,
 ) -> jax.Array:
-    """Softmax attention as two einsums, logits and softmax in float32, grouped-query heads.
+    """Softmax attention as two batched matmuls, logits and softmax in float32, grouped-query heads.
 
     The same function as ``jax.nn.dot_product_attention`` (scale 1/sqrt(H), masked logits ->
-    a large negative number).
-    On XLA:CPU its backward pass is faster: forward + backward of one d=512, 8-head layer's
-    attention over 2 x 256 tokens took 11 ms against 20 ms for ``jax.nn.dot_product_attention``.
-    ``is_causal`` masks by index (key s visible from query t iff s <= t, and t - s < window when
-    ``window > 0``), on top of ``mask_B1TS`` when both are given.
+    a large negative number). ``is_causal`` masks by index (key s visible from query t iff s <= t,
+    and t - s < window when ``window > 0``), on top of ``mask_B1TS`` when both are given.
+
+    Written for XLA:CPU, where it is the path every family trains on: heads lead ([B, K, G*T, H]
+    against [B, K, S, H]: one matmul per kv head, its query groups stacked as rows), the mask is an
+    additive bias (0 / -1e30) and a power-of-two scale (H = 16, 64, 256) is applied to q, which is
+    exact. One d=512, 8-head layer's forward + backward over 2 x 256 tokens: 8.8 ms against 14.4 ms
+    for the same einsums in [B, T, N, H] order with a select, and 20 ms for
+    ``jax.nn.dot_product_attention`` (2 cores).
     """
     b, t, n, h = q_BTNH.shape
     s, kv = k_BSKH.shape[1], k_BSKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
-    logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-    logits_BKGTS = logits_BKGTS * (1.0 / math.sqrt(h))
+    g = n // kv
+    scale = 1.0 / math.sqrt(h)
+    exact = math.frexp(scale)[0] == 0.5  # a power of two: scaling q first gives the same logits bit for bit
+    if exact:
+        q_BTNH = q_BTNH * jnp.asarray(scale, q_BTNH.dtype)
+    q_BKQH = q_BTNH.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
+    k_BKSH = k_BSKH.transpose(0, 2, 1, 3)
+    v_BKSH = v_BSKH.transpose(0, 2, 1, 3)
+    logits_BKQS = jnp.einsum("bkqh,bksh->bkqs", q_BKQH, k_BKSH, preferred_element_type=jnp.float32)
+    logits_BKGTS = logits_BKQS.reshape(b, kv, g, t, s)
+    if not exact:
+        logits_BKGTS = logits_BKGTS * scale
     mask = None if mask_B1TS is None else mask_B1TS[:, :, None]  # [B,1,1,T,S]
     if is_causal:
         delta_TS = jnp.arange(t)[:, None] - jnp.arange(s)[None, :]
@@ -109,10 +122,11 @@ def einsum_attention(
             causal_TS &= delta_TS < window
         mask = causal_TS if mask is None else mask & causal_TS
     if mask is not None:
-        logits_BKGTS = jnp.where(mask, logits_BKGTS, jnp.finfo(jnp.float32).min)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
-    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
-    return out_BTKGH.reshape(b, t, n, h)
+        # -1e30 absorbs any finite logit in float32, so a fully masked row stays uniform (as with a select)
+        logits_BKGTS = logits_BKGTS + jnp.where(mask, 0.0, -1e30).astype(jnp.float32)
+    probs_BKQS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype).reshape(b, kv, g * t, s)
+    out_BKQH = jnp.einsum("bkqs,bksh->bkqh", probs_BKQS, v_BKSH)
+    return out_BKQH.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 class Attention(nnx.Module):
