@@ -96,9 +96,9 @@ def einsum_attention(
     Written for XLA:CPU, where it is the path every family trains on: heads lead ([B, K, G*T, H]
     against [B, K, S, H]: one matmul per kv head, its query groups stacked as rows), the mask is an
     additive bias (0 / -1e30) and a power-of-two scale (H = 16, 64, 256) is applied to q, which is
-    exact. One d=512, 8-head layer's forward + backward over 2 x 256 tokens: 8.8 ms against 14.4 ms
-    for the same einsums in [B, T, N, H] order with a select, and 20 ms for
-    ``jax.nn.dot_product_attention`` (2 cores).
+    exact. One d=512, 8-head layer over 2 x 256 tokens (2 cores): forward 2.8 ms against 4.5 ms for
+    the same einsums in [B, T, N, H] order with a select, forward + backward 10.7-11.1 ms against
+    12.7-13.2 ms.
     """
     b, t, n, h = q_BTNH.shape
     s, kv = k_BSKH.shape[1], k_BSKH.shape[2]
