@@ -100,9 +100,9 @@ def test_pallas_kernel_counts_body_times_grid():
         return jax.lax.scan(lambda c, _: (c + matmul(a, b)[:, :24] + matmul(c, b)[:, :24], None), a, length=4)[0]
 
     j = jax.make_jaxpr(loop)(a, b)
-    kernel = 2 * 32 * 24 * 48
-    assert count(j)["kernel_flops"] == kernel + 4 * kernel
-    assert count(j, hoist_kernels=False)["kernel_flops"] == 8 * kernel
+    one = 2 * 32 * 24 * 48
+    assert count(j)["kernel_flops"] == one + 4 * one
+    assert count(j, hoist_kernels=False)["kernel_flops"] == 8 * one
 
 
 def test_shard_map_body_counts_once_per_shard():
