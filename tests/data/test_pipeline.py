@@ -236,3 +236,40 @@ def test_dense_labels_need_topological_order():
         DataConfig(chains_dense_labels=True)
     with pytest.raises(ValueError, match="chains_order"):
         DataConfig(chains_order="sorted")
+
+
+@pytest.mark.parametrize("hosts", [2, 3, 4])
+def test_every_host_resumes_packed_text_to_its_own_next_batches(hosts, text_setup, tmp_path, monkeypatch):
+    """Simulated hosts (shard_index / shard_count) read different shards of packed text, so their iterator
+    states differ. Each host's state goes into the checkpoint (the allgather of a real multi-host run is
+    stood in for), and each host, restored from it, continues with its own next batches."""
+    import looped_jax.checkpoint as ck
+
+    cfg = text_setup[0]
+    kw = dict(split="train", global_batch_size=2 * hosts, seed=3, shard_count=hosts)
+    states, expected = [], []
+    for i in range(hosts):
+        iterator = make_pipeline(cfg, shard_index=i, **kw)
+        _take(iterator, 5)
+        states.append(iterator.get_state())
+        expected.append(_take(iterator, 4))
+    assert len({repr(s) for s in states}) > 1  # the hosts' states differ: one shared state cannot serve all
+
+    monkeypatch.setattr(ck, "gather_json", lambda value: states)  # what process_allgather returns on the hosts
+    ckpt = ck.Checkpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(5, {"w": np.ones((2,), np.float32)}, config={}, data_state=states[0])
+    ckpt.wait()
+    meta = ckpt.read_meta(5)
+    ckpt.close()
+
+    monkeypatch.setattr(ck.jax, "process_count", lambda: hosts)
+    for i in range(hosts):
+        monkeypatch.setattr(ck.jax, "process_index", lambda i=i: i)
+        fresh = make_pipeline(cfg, shard_index=i, **kw)
+        fresh.set_state(ck.own_data_state(meta))
+        _assert_same(_take(fresh, 4), expected[i])
+    # and what went wrong before: host 1 resumed from host 0's state does not get its own batches
+    wrong = make_pipeline(cfg, shard_index=1, **kw)
+    wrong.set_state(states[0])
+    with pytest.raises(AssertionError):
+        _assert_same(_take(wrong, 4), expected[1])
