@@ -162,3 +162,17 @@ def _count_eqns(eqns, in_kernel: bool, hoist_kernels: bool) -> dict:
             for sub in _sub_jaxprs(eqn.params):
                 add(count(sub, in_kernel=in_kernel, hoist_kernels=hoist_kernels))
     return total
+
+
+def loop_invariant_flops(jaxpr) -> int:
+    """Matmul FLOPs in scan bodies that read only their loop's constants, each counted once: work a loop redoes
+    on every iteration although its result cannot change (0 when every invariant has been hoisted out)."""
+    total = 0
+    for eqn in (_as_jaxpr(jaxpr) or jaxpr).eqns:
+        if eqn.primitive.name == "scan":
+            n_consts = eqn.params["num_consts"]
+            once, _ = _split(eqn.params["jaxpr"], [i < n_consts for i in range(len(eqn.invars))], False, True)
+            total += once["flops"]
+        for sub in _sub_jaxprs(eqn.params):
+            total += loop_invariant_flops(sub)
+    return total

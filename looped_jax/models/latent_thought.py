@@ -281,12 +281,19 @@ class LatentBlock(nnx.Module):
         k_BMKH = apply_rope(k_BMKH, z_positions_1M, self.rope_theta)
         return attn.output(attn.attend(q_BTNH, k_BMKH, v_BMKH, None))
 
-    def __call__(self, x_BTD, z_BMD, positions_BT, segment_ids_BT, z_positions_1M) -> jax.Array:
+    def tokens(self, x_BTD, positions_BT, segment_ids_BT) -> jax.Array:
+        """The half no latent reaches: x + SelfAttn(n(x))."""
         h_BTD, _ = self.self_attn(self.norm_self(x_BTD), positions_BT, segment_ids_BT)
-        x_BTD = x_BTD + h_BTD.astype(x_BTD.dtype)
+        return x_BTD + h_BTD.astype(x_BTD.dtype)
+
+    def latents(self, x_BTD, z_BMD, positions_BT, z_positions_1M) -> jax.Array:
+        """The half that reads the bank: x + CrossAttn(n(x), z), then the FFN."""
         h_BTD = self.cross(self.norm_cross(x_BTD), positions_BT, z_BMD, z_positions_1M)
         x_BTD = x_BTD + h_BTD.astype(x_BTD.dtype)
         return x_BTD + self.mlp(self.norm_mlp(x_BTD)).astype(x_BTD.dtype)
+
+    def __call__(self, x_BTD, z_BMD, positions_BT, segment_ids_BT, z_positions_1M) -> jax.Array:
+        return self.latents(self.tokens(x_BTD, positions_BT, segment_ids_BT), z_BMD, positions_BT, z_positions_1M)
 
 
 class LatentThoughtModel(nnx.Module):
@@ -319,14 +326,30 @@ class LatentThoughtModel(nnx.Module):
             return (jnp.arange(cfg.num_latents, dtype=jnp.float32) * float(interval))[None]
         return jnp.linspace(0.0, float(cfg.latent_span - 1), cfg.num_latents, dtype=jnp.float32)[None]
 
+    def decode_prefix(
+        self, inputs_BT: jax.Array, positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None
+    ) -> jax.Array:
+        """The part of ``decode`` no latent reaches, [B, T, D]: the embedding and the first layer's
+        self-attention. The inner loop computes it once (``decode(..., prefix_BTD=...)``) instead of
+        in every step: XLA hoists loop-invariant dots out of a loop itself, but not a Pallas kernel's
+        custom call, so on TPU the first layer's splash attention would otherwise run every step."""
+        if inputs_BT.ndim != 2:
+            raise ValueError(f"inputs must be [batch, length] token ids, got shape {inputs_BT.shape}")
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(inputs_BT.shape[1], dtype=jnp.int32), inputs_BT.shape)
+        return self.blocks[0].tokens(self.embed(inputs_BT).astype(jnp.float32), positions_BT, segment_ids_BT)
+
     def decode(
         self,
         z_BLMD: jax.Array,
         inputs_BT: jax.Array,
         positions_BT: jax.Array | None = None,
         segment_ids_BT: jax.Array | None = None,
+        *,
+        prefix_BTD: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits [B, T, V] of p(x | z); layer l reads only bank z[:, l]."""
+        """Logits [B, T, V] of p(x | z); layer l reads only bank z[:, l]. ``prefix_BTD`` is
+        ``decode_prefix`` of the same inputs, when already computed."""
         cfg = self.cfg
         if inputs_BT.ndim != 2:
             raise ValueError(f"inputs must be [batch, length] token ids, got shape {inputs_BT.shape}")
@@ -337,16 +360,24 @@ class LatentThoughtModel(nnx.Module):
             )
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(inputs_BT.shape[1], dtype=jnp.int32), inputs_BT.shape)
+        if prefix_BTD is None:
+            prefix_BTD = self.decode_prefix(inputs_BT, positions_BT, segment_ids_BT)
+        elif prefix_BTD.shape != inputs_BT.shape + (cfg.d_model,):
+            raise ValueError(f"prefix_BTD must have shape {inputs_BT.shape + (cfg.d_model,)}, got {prefix_BTD.shape}")
         z_pos_1M = self.latent_positions()
-        x_BTD = self.embed(inputs_BT).astype(jnp.float32)
-        for l, block in enumerate(self.blocks):
+        x_BTD = self.blocks[0].latents(prefix_BTD, z_BLMD[:, 0], positions_BT, z_pos_1M)
+        for l, block in enumerate(self.blocks[1:], start=1):
             x_BTD = block(x_BTD, z_BLMD[:, l], positions_BT, segment_ids_BT, z_pos_1M)
         x_BTD = self.final_norm(x_BTD)
         return self.embed.attend(x_BTD) if self.unembed is None else self.unembed(x_BTD)
 
-    def row_nll(self, z_BLMD: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
+    def row_nll(
+        self, z_BLMD: jax.Array, batch: dict, *, prefix_BTD: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """(-log p(x | z) per sequence [B], correct next-token predictions per sequence [B])."""
-        logits_BTV = self.decode(z_BLMD, batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+        logits_BTV = self.decode(
+            z_BLMD, batch["inputs"], batch.get("positions"), batch.get("segment_ids"), prefix_BTD=prefix_BTD
+        )
         logits_BTV = logits_BTV.astype(jnp.float32)
         nll_BT = softmax_cross_entropy(logits_BTV, batch["targets"])
         w_BT = batch["weights"].astype(jnp.float32)
@@ -378,8 +409,16 @@ class LatentThoughtModel(nnx.Module):
         params = jax.lax.stop_gradient(params)
         has_tokens_B = (batch["weights"].sum(-1) > 0).astype(jnp.float32)
 
+        # The decoder is a constant here unless its gradients are wanted: then the latent-free prefix
+        # is the same in every step and is computed once, outside the loop.
+        prefix_BTD = None
+        if not decoder_grads:
+            prefix_BTD = nnx.merge(graphdef, params).decode_prefix(
+                batch["inputs"], batch.get("positions"), batch.get("segment_ids")
+            )
+
         def objective(p, post, eps):
-            nll_B, _ = nnx.merge(graphdef, p).row_nll(sample_latents(post, eps), batch)
+            nll_B, _ = nnx.merge(graphdef, p).row_nll(sample_latents(post, eps), batch, prefix_BTD=prefix_BTD)
             return jnp.sum(nll_B + cfg.kl_weight * kl_to_prior(post) * has_tokens_B)
 
         grad_fn = jax.value_and_grad(objective, argnums=(0, 1) if decoder_grads else 1)

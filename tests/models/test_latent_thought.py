@@ -472,3 +472,29 @@ def test_evaluate_needs_a_static_inner_step_count():
         jax.jit(lambda n: model.evaluate(batch, num_loops=n))(jnp.int32(2))
     with pytest.raises(ValueError, match="num_loops"):
         model.evaluate(batch, num_loops=-1)
+
+
+def test_inner_loop_computes_the_latent_free_prefix_once():
+    """The embedding and the first layer's self-attention do not depend on z: the inner loop takes them from
+    outside (decode with prefix_BTD is the same function, bit for bit)."""
+    from looped_jax.jaxpr_flops import loop_invariant_flops
+
+    model, batch = make(), text_batch()
+    z = jax.random.normal(jax.random.key(5), TINY.latent_shape(B))
+    pos, seg = batch["positions"], batch["segment_ids"]
+    full = model.decode(z, batch["inputs"], pos, seg)
+    cut = model.decode(z, batch["inputs"], pos, seg, prefix_BTD=model.decode_prefix(batch["inputs"], pos, seg))
+    np.testing.assert_array_equal(cut, full)
+    with pytest.raises(ValueError, match="prefix_BTD must have shape"):
+        model.decode(z, batch["inputs"], pos, seg, prefix_BTD=jnp.zeros((B, T, 3)))
+
+    post0 = init_posterior(TINY, B, jax.random.key(2))
+    eps = jax.random.normal(jax.random.key(3), TINY.latent_shape(B))
+    # what stays is the first cross-attention's query projection of the prefix: a plain dot, which XLA hoists
+    # itself (the self-attention may be a Pallas kernel, which it does not)
+    q_proj = 2 * B * T * TINY.d_model * TINY.num_heads * TINY.head_dim
+    jaxpr = jax.make_jaxpr(lambda: model.infer_posterior(batch, post0, eps, TINY.inner_steps)[0])()
+    assert loop_invariant_flops(jaxpr) == q_proj
+    # with the decoder's gradients wanted the prefix depends on the differentiated weights and stays inside
+    jaxpr = jax.make_jaxpr(lambda: model.infer_posterior(batch, post0, eps, 4, decoder_grads=True)[0])()
+    assert loop_invariant_flops(jaxpr) > q_proj
