@@ -183,7 +183,7 @@ def hlo_stats(text: str) -> dict:
             return 0
         lhs = _dims(shapes[ops[0]]) or []
         k = math.prod(lhs[int(i)] for i in cm.group(1).split(",") if i) if cm else 1
-        return 2 * math.prod(out) * k
+        return 0 if k == 1 else 2 * math.prod(out) * k  # no contraction: a product, no multiply-add (as jaxpr_flops)
 
     def conv_flops(shape, rest):
         ops = _operands(rest)

@@ -8,11 +8,13 @@ Two uses in the AOT tool (``looped_jax/aot.py``), both on the train step traced 
   included, for every family alike (no per-family formula that can drift from the code); a loop whose trip count
   is data-dependent is counted once and reported.
 
-``dot_general`` counts 2 x output elements x contracted elements; ``conv_general_dilated`` 2 x output elements x
-kernel elements per output feature. ``scan`` multiplies its body by its length, except the work in the body whose
-operands are the same on every iteration (it reads only the scan's constants): that counts once, as XLA's
-loop-invariant code motion hoists it out of the loop and as the algorithm needs it (e.g. a latent-thought model's
-first self-attention over the tokens, which no inner step changes). ``cond`` takes its costliest
+``dot_general`` counts 2 x output elements x contracted elements, and nothing when it contracts nothing (or only
+size-1 dimensions): that is an outer or elementwise product with no multiply-add, which XLA rewrites as a multiply;
+``conv_general_dilated`` counts 2 x output elements x kernel elements per output feature. ``scan`` multiplies its
+body by its length, except the work in the body whose operands are the same on every iteration (it reads only the
+scan's constants): that counts once, as XLA's loop-invariant code motion hoists it out of the loop and as the
+algorithm needs it (e.g. a latent-thought model's first self-attention over the tokens, which no inner step
+changes). ``cond`` takes its costliest
 branch (so a kernel's masked-out blocks count), ``while`` counts its body once; ``shard_map`` bodies see one shard,
 so they count times the shards; a kernel grid dimension that is not static counts once.
 """
@@ -47,7 +49,8 @@ def _sub_jaxprs(params: dict) -> list:
 def _dot(eqn) -> int:
     (lc, _), _ = eqn.params["dimension_numbers"]
     lhs = eqn.invars[0].aval.shape
-    return 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lc)
+    k = math.prod(lhs[i] for i in lc)
+    return 0 if k == 1 else 2 * math.prod(eqn.outvars[0].aval.shape) * k
 
 
 def _conv(eqn) -> int:

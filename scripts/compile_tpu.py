@@ -78,7 +78,7 @@ def results_table(stats: dict, config: str, topology: str) -> Table:
 
 ROOT = Path(__file__).resolve().parents[1]
 # Bumped when the traced FLOP counts (model, kernel) change: --reuse / --cached trace stored results again.
-FLOPS_VERSION = 3
+FLOPS_VERSION = 4
 # --small: one CPU config per family, compiled for 4 v5e chips (data=4) -- the cheap version that runs in CI
 SMALL_TOPOLOGY = "v5e:2x2"
 SMALL_CONFIGS = (

@@ -25,6 +25,23 @@ def test_dot_scan_cond_and_while():
     assert c["loops_without_trip_count"] == 1 and c["kernel_flops"] == 0
 
 
+def test_a_dot_that_contracts_nothing_is_a_product_not_a_matmul():
+    """An outer product written as dot_general (no contraction, or a size-1 one) has no multiply-add; XLA rewrites
+    it as a multiply, so neither the jaxpr nor the HLO count takes it (the CPU-compiled gradient agrees)."""
+    from looped_jax.aot_hlo import hlo_stats
+
+    a, b, w = jnp.ones((8, 1)), jnp.ones((1, 16)), jnp.ones((16, 4))
+    outer = lambda a, b: jax.lax.dot_general(a[:, 0], b[0], (((), ()), ((), ())))  # noqa: E731
+    assert count(jax.make_jaxpr(outer)(a, b))["flops"] == 0
+    assert count(jax.make_jaxpr(lambda a, b: a @ b)(a, b))["flops"] == 0  # contracts a size-1 dim
+    f = lambda a, b, w: jnp.sum(jnp.tanh(outer(a, b) @ w))  # noqa: E731
+    g = jax.grad(f, argnums=(0, 1, 2))
+    # the matmul forward, its weight and input gradients, and the outer product's two gradients, which do contract
+    want = 2 * 8 * 16 * 4 * 3 + 2 * 8 * 16 * 2
+    assert count(jax.make_jaxpr(g)(a, b, w))["flops"] == want
+    assert hlo_stats(jax.jit(g).lower(a, b, w).compile().as_text())["flops"] == want
+
+
 def test_loop_invariant_work_in_a_scan_counts_once():
     """A scan body's dots that read only its constants (the same on every iteration) count once, as XLA hoists
     them; those that read the carry or the per-step inputs count once per iteration, through nested calls too."""
