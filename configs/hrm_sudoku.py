@@ -10,6 +10,10 @@ optim.name='adam_atan2'.
 Data: our generated 9x9 puzzles (looped_jax.data.sudoku), not Sudoku-Extreme. Evaluation reports the `test_hard`
 split by default (rating >= 3 search guesses; the plain `test` split is no harder than `train`); training logs both.
 See the sudoku module docstring for building a split of Sudoku-Extreme-like difficulty.
+
+Measured plan (v5e:16x16, 256 chips, AOT on CPU: `python scripts/compile_tpu.py --all --only hrm_sudoku`): mesh data
+256, remat none, 3 sequence(s) per chip; per chip the compiler's peak is 0.41 GiB of 15.75 (arguments 0.31, outputs
+0.31, temporaries 0.12 GiB, not all live at once); 3 collectives; projected MFU 1.00.
 """
 
 import dataclasses

@@ -5,6 +5,10 @@ step) comes from ltm_s.py.
 
 On the byte vocabulary (259 tokens) the count is far below the paper's (GPT-2 vocabulary of 50257,
 tied embeddings): the embedding table is 259 x 512 instead of 50257 x 512 (25.7M parameters).
+
+Measured plan (v5e:16x16, 256 chips, AOT on CPU: `python scripts/compile_tpu.py --all --only ltm_l`): mesh data 256,
+remat none, 2 sequence(s) per chip; per chip the compiler's peak is 1.46 GiB of 15.75 (arguments 0.56, outputs 0.56,
+temporaries 1.16 GiB, not all live at once); 4 collectives; projected MFU 1.00.
 """
 
 from pathlib import Path

@@ -5,6 +5,10 @@ comes from ltm_s.py. The paper's LTM-M (steps=16) row is ``--config.model.inner_
 
 On the byte vocabulary (259 tokens) the count is far below the paper's (GPT-2 vocabulary of 50257,
 tied embeddings): the embedding table is 259 x 512 instead of 50257 x 512 (25.7M parameters).
+
+Measured plan (v5e:16x16, 256 chips, AOT on CPU: `python scripts/compile_tpu.py --all --only ltm_m`): mesh data 256,
+remat none, 2 sequence(s) per chip; per chip the compiler's peak is 0.70 GiB of 15.75 (arguments 0.28, outputs 0.28,
+temporaries 0.53 GiB, not all live at once); 3 collectives; projected MFU 1.00.
 """
 
 from pathlib import Path

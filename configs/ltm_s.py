@@ -12,6 +12,10 @@ On the byte vocabulary (259 tokens) the count is far below the paper's (GPT-2 vo
 tied embeddings): the embedding table is 259 x 512 instead of 50257 x 512 (25.7M parameters).
 Our own inner optimiser is one override away: ``--config.model.inner_optimizer=adam
 --config.model.inner_schedule=cosine``.
+
+Measured plan (v5e:16x16, 256 chips, AOT on CPU: `python scripts/compile_tpu.py --all --only ltm_s`): mesh data 256,
+remat none, 2 sequence(s) per chip; per chip the compiler's peak is 0.32 GiB of 15.75 (arguments 0.14, outputs 0.14,
+temporaries 0.22 GiB, not all live at once); 3 collectives; projected MFU 1.00.
 """
 
 from looped_jax.config import CheckpointConfig, ExperimentConfig, OptimConfig, TrainConfig

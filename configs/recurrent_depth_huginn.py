@@ -13,11 +13,13 @@ fsdp=32 x data=8 on 256 v5e chips; one 4096-token sequence per chip (global batc
 tokens/step). The byte-text data entry is only a placeholder for shapes: compile_tpu never
 reads data, and the model vocabulary (65536) covers the byte vocabulary.
 
-Memory plan (v5e:16x16, AOT on CPU, `python scripts/compile_tpu.py --all --only recurrent_depth_huginn`):
-data 8 x fsdp 32, compiler peak 13.44 GiB per chip of 15.75 (arguments 1.37, temporaries 15.85 of
-which not all coexist), 543 collectives, compile 2,272 s on a shared 2-core host. Before the
-splash-attention dispatch and the activation sharding constraints (issue 16) the same layout needed
-64.65 GiB per chip.
+Memory plan: data 8 x fsdp 32 with the splash-attention dispatch and the activation sharding constraints; before
+those (issue 16) the same layout needed 64.65 GiB per chip.
+
+Measured plan (v5e:16x16, 256 chips, AOT on CPU: `python scripts/compile_tpu.py --all --only
+recurrent_depth_huginn`): mesh data 8 x fsdp 32, remat nothing_saveable, 1 sequence(s) per chip; per chip the
+compiler's peak is 13.44 GiB of 15.75 (arguments 1.37, outputs 1.37, temporaries 15.85 GiB, not all live at once);
+625 collectives; no projected MFU (a data-dependent loop).
 """
 
 from looped_jax.config import CheckpointConfig, ExperimentConfig, MeshConfig, OptimConfig, TrainConfig

@@ -2,7 +2,12 @@
 one 2-layer MLP-mixer net (sequence SwiGLU over 16 + 81 positions), width 512, n = 6, T = 3,
 ACT up to 16 segments, 5,028,866 parameters (+512 puzzle embedding); batch 768, AdamATan2
 lr 1e-4 (warmup 2000), weight decay 1.0, puzzle embedding lr 1e-4 / wd 1.0, EMA 0.999,
-50,000 epochs of the 1000 puzzle groups (~65,104 steps)."""
+50,000 epochs of the 1000 puzzle groups (~65,104 steps).
+
+Measured plan (v5e:16x16, 256 chips, AOT on CPU: `python scripts/compile_tpu.py --all --only trm_sudoku_mlp`): mesh
+data 256, remat none, 3 sequence(s) per chip; per chip the compiler's peak is 0.22 GiB of 15.75 (arguments 0.08,
+outputs 0.08, temporaries 0.17 GiB, not all live at once); 3 collectives; projected MFU 1.00.
+"""
 
 import dataclasses
 import importlib.util

@@ -120,3 +120,31 @@ def test_fields_validated_together_can_be_overridden_together():
 
     out = apply_overrides(Holder(), {"block.num_heads": "2", "block.num_kv_heads": "2"})
     assert out.block.num_heads == 2 and out.block.num_kv_heads == 2
+
+
+def test_every_published_config_states_its_measured_plan():
+    """A config planned for a TPU slice (TARGET_TOPOLOGY) says in its docstring how it fits there: the mesh, the
+    remat policy and the per-chip memory of its AOT compile, and the command that measures them."""
+    import ast
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    planned = []
+    for path in sorted(root.glob("*.py")):
+        module = ast.parse(path.read_text())
+        targets = [
+            n.value.value
+            for n in module.body
+            if isinstance(n, ast.Assign)
+            and any(getattr(t, "id", None) == "TARGET_TOPOLOGY" for t in n.targets)
+            and isinstance(n.value, ast.Constant)
+        ]
+        if not targets:
+            continue
+        planned.append(path.stem)
+        doc = " ".join((ast.get_docstring(module) or "").split())
+        want = rf"Measured plan \({re.escape(targets[0])}, \d+ chips, .*--only {path.stem}`\): mesh .+, remat \S+, "
+        assert re.search(want, doc), f"{path.name}: docstring lacks its measured plan for {targets[0]}"
+        assert re.search(r"peak is [\d.]+ GiB of [\d.]+ \(arguments [\d.]+, outputs [\d.]+, temporaries [\d.]+", doc)
+    assert len(planned) >= 15
