@@ -120,6 +120,12 @@ def _split(jaxpr, invariant_in: list[bool], in_kernel: bool, hoist_kernels: bool
     return once, each
 
 
+def _split_scan(eqn, in_kernel: bool, hoist_kernels: bool) -> tuple[dict, dict]:
+    """``_split`` of a scan equation's body: its constants (the first ``num_consts`` operands) are invariant."""
+    n_consts = eqn.params["num_consts"]
+    return _split(eqn.params["jaxpr"], [i < n_consts for i in range(len(eqn.invars))], in_kernel, hoist_kernels)
+
+
 def count(jaxpr, *, in_kernel: bool = False, hoist_kernels: bool = True) -> dict:
     """``{"flops", "kernel_flops", "loops_without_trip_count", "kernels"}`` of a (closed) jaxpr: ``flops`` is all
     matmul work, ``kernel_flops`` the part inside ``pallas_call`` kernels, ``kernels`` how many kernel calls.
@@ -148,9 +154,7 @@ def _count_eqns(eqns, in_kernel: bool, hoist_kernels: bool) -> dict:
             body["kernels"] += 1
             add(body, _grid_size(eqn.params))
         elif name == "scan":
-            body = eqn.params["jaxpr"]
-            n_consts = eqn.params["num_consts"]
-            once, each = _split(body, [i < n_consts for i in range(len(eqn.invars))], in_kernel, hoist_kernels)
+            once, each = _split_scan(eqn, in_kernel, hoist_kernels)
             add(once)
             add(each, int(eqn.params["length"]))
         elif name == "cond":
@@ -173,9 +177,7 @@ def loop_invariant_flops(jaxpr) -> int:
     total = 0
     for eqn in (_as_jaxpr(jaxpr) or jaxpr).eqns:
         if eqn.primitive.name == "scan":
-            n_consts = eqn.params["num_consts"]
-            once, _ = _split(eqn.params["jaxpr"], [i < n_consts for i in range(len(eqn.invars))], False, True)
-            total += once["flops"]
+            total += _split_scan(eqn, in_kernel=False, hoist_kernels=True)[0]["flops"]
         for sub in _sub_jaxprs(eqn.params):
             total += loop_invariant_flops(sub)
     return total

@@ -252,6 +252,15 @@ def next_token_batch(inputs_BT: jax.Array, segment_ids_BT: jax.Array | None = No
 # Decoder
 
 
+def _token_positions(inputs_BT: jax.Array, positions_BT: jax.Array | None) -> jax.Array:
+    """Checks that ``inputs`` are [batch, length] token ids; their positions, 0..T-1 per row when not given."""
+    if inputs_BT.ndim != 2:
+        raise ValueError(f"inputs must be [batch, length] token ids, got shape {inputs_BT.shape}")
+    if positions_BT is None:
+        positions_BT = jnp.broadcast_to(jnp.arange(inputs_BT.shape[1], dtype=jnp.int32), inputs_BT.shape)
+    return positions_BT
+
+
 class LatentBlock(nnx.Module):
     """Sliding-window causal self-attention, cross-attention to this layer's latent bank, SwiGLU."""
 
@@ -333,10 +342,7 @@ class LatentThoughtModel(nnx.Module):
         self-attention. The inner loop computes it once (``decode(..., prefix_BTD=...)``) instead of
         in every step: XLA hoists loop-invariant dots out of a loop itself, but not a Pallas kernel's
         custom call, so on TPU the first layer's splash attention would otherwise run every step."""
-        if inputs_BT.ndim != 2:
-            raise ValueError(f"inputs must be [batch, length] token ids, got shape {inputs_BT.shape}")
-        if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(inputs_BT.shape[1], dtype=jnp.int32), inputs_BT.shape)
+        positions_BT = _token_positions(inputs_BT, positions_BT)
         return self.blocks[0].tokens(self.embed(inputs_BT).astype(jnp.float32), positions_BT, segment_ids_BT)
 
     def decode(
@@ -351,15 +357,12 @@ class LatentThoughtModel(nnx.Module):
         """Logits [B, T, V] of p(x | z); layer l reads only bank z[:, l]. ``prefix_BTD`` is
         ``decode_prefix`` of the same inputs, when already computed."""
         cfg = self.cfg
-        if inputs_BT.ndim != 2:
-            raise ValueError(f"inputs must be [batch, length] token ids, got shape {inputs_BT.shape}")
+        positions_BT = _token_positions(inputs_BT, positions_BT)
         expected = cfg.latent_shape(inputs_BT.shape[0])
         if tuple(z_BLMD.shape) != expected:
             raise ValueError(
                 f"latents must have shape [B, layers, num_latents, d_model]={expected}, got {z_BLMD.shape}"
             )
-        if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(inputs_BT.shape[1], dtype=jnp.int32), inputs_BT.shape)
         if prefix_BTD is None:
             prefix_BTD = self.decode_prefix(inputs_BT, positions_BT, segment_ids_BT)
         elif prefix_BTD.shape != inputs_BT.shape + (cfg.d_model,):
